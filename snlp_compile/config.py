@@ -1,0 +1,98 @@
+"""SNLPConfig: every option of the solver and the compiler, validated in one place.
+
+Invariant: a constructed SNLPConfig is valid on its own; `check_depth(L)` adds the checks that
+need the number of layers of the stack it is applied to. Every error is a ValueError that names
+the field and its valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "init": ("h0", "batch_fwd"),
+    "surrogate": ("auto", "identity", "hc"),
+    "inner": ("inductor", "eager"),
+    "fallback": ("warn", "error"),
+    "prefill": ("snlp", "sequential"),
+}
+
+
+@dataclass(frozen=True)
+class SNLPConfig:
+    """Options of a structured-Newton solve (paper notation in brackets).
+
+    n_seq:      leading layers run sequentially [L - n_par], >= 0.
+    fuse:       consecutive layers merged into one super-layer [F M], >= 1; exact only for 1.
+    blocks:     consecutive Newton blocks the parallel layers are split into, >= 1.
+    iters:      Newton iterations per block [K], >= 1; iters >= block size is exact.
+    init:       "h0" (every input = block input) or "batch_fwd" (one batched evaluation).
+    damping:    the correction is scaled by (1 - damping), 0 <= damping < 1.
+    surrogate:  "auto" (read off the graph), "identity" (IDN) or "hc" (HCN, stream mixing).
+    inner:      compiler the rewritten graph goes to: "inductor" or "eager".
+    fallback:   on an unsafe graph, "warn" (run it unmodified, log why) or "error" (raise).
+    cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
+    prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".
+    """
+
+    n_seq: int = 0
+    fuse: int = 1
+    blocks: int = 1
+    iters: int = 1
+    init: str = "h0"
+    damping: float = 0.0
+    surrogate: str = "auto"
+    inner: str = "inductor"
+    fallback: str = "warn"
+    cudagraphs: bool = False
+    prefill: str = "snlp"
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_seq", 0), ("fuse", 1), ("blocks", 1), ("iters", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SNLPConfig.{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (
+            0.0 <= self.damping < 1.0
+        ):
+            raise ValueError(f"SNLPConfig.damping must be a number in [0, 1), got {self.damping!r}")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"SNLPConfig.{name} must be one of {choices}, got {value!r}")
+        if not isinstance(self.cudagraphs, bool):
+            raise ValueError(f"SNLPConfig.cudagraphs must be True or False, got {self.cudagraphs!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | SNLPConfig | None) -> SNLPConfig:
+        """Build from a torch.compile `options` dict; unknown keys are an error."""
+        if options is None:
+            return cls()
+        if isinstance(options, SNLPConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"SNLP options must be a dict or SNLPConfig, got {type(options).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(f"unknown SNLP option(s) {unknown}; valid options are {sorted(valid)}")
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> SNLPConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def check_depth(self, num_layers: int) -> None:
+        """Checks that need the depth L of the stack this config is applied to."""
+        if self.n_seq >= num_layers:
+            raise ValueError(
+                f"SNLPConfig.n_seq must be < the number of layers ({num_layers}), got {self.n_seq}"
+            )
+        n_par = num_layers - self.n_seq
+        if self.blocks > n_par:
+            raise ValueError(
+                f"SNLPConfig.blocks must be <= the number of parallel layers ({n_par}), got {self.blocks}"
+            )
