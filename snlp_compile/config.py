@@ -55,8 +55,10 @@ class SNLPConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SNLPConfig.{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not (
-            0.0 <= self.damping < 1.0
+        if (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, (int, float))
+            or not (0.0 <= self.damping < 1.0)
         ):
             raise ValueError(f"SNLPConfig.damping must be a number in [0, 1), got {self.damping!r}")
         for name, choices in _CHOICES.items():
@@ -88,11 +90,7 @@ class SNLPConfig:
     def check_depth(self, num_layers: int) -> None:
         """Checks that need the depth L of the stack this config is applied to."""
         if self.n_seq >= num_layers:
-            raise ValueError(
-                f"SNLPConfig.n_seq must be < the number of layers ({num_layers}), got {self.n_seq}"
-            )
+            raise ValueError(f"SNLPConfig.n_seq must be < the number of layers ({num_layers}), got {self.n_seq}")
         n_par = num_layers - self.n_seq
         if self.blocks > n_par:
-            raise ValueError(
-                f"SNLPConfig.blocks must be <= the number of parallel layers ({n_par}), got {self.blocks}"
-            )
+            raise ValueError(f"SNLPConfig.blocks must be <= the number of parallel layers ({n_par}), got {self.blocks}")

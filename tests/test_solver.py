@@ -77,7 +77,9 @@ def test_hcn_exact_when_iters_reach_block_size(options):
     stack, h0 = hc_stack(7), torch.randn(2, M, D)
     config = SNLPConfig(**options)
     largest = max(len(sizes) for _, sizes in schedule(len(stack), config))
-    torch.testing.assert_close(solve(stack, h0, config.replace(iters=largest)), sequential(stack, h0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        solve(stack, h0, config.replace(iters=largest)), sequential(stack, h0), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_hcn_beats_idn_on_mixing_layers():

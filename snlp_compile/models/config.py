@@ -45,17 +45,13 @@ class GPTConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if not isinstance(self.n_kv_head, int) or not 1 <= self.n_kv_head <= self.n_head:
-            raise ValueError(
-                f"GPTConfig.n_kv_head must be in [1, n_head={self.n_head}], got {self.n_kv_head!r}"
-            )
+            raise ValueError(f"GPTConfig.n_kv_head must be in [1, n_head={self.n_head}], got {self.n_kv_head!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         if self.head_dim % 2:
-            raise ValueError(
-                f"GPTConfig head_dim = n_embd / n_head = {self.head_dim} must be even (rotary embeddings)"
-            )
+            raise ValueError(f"GPTConfig head_dim = n_embd / n_head = {self.head_dim} must be even (rotary embeddings)")
         if self.window_pattern is not None:
             self.window_pattern = tuple(self.window_pattern)
             if not self.window_pattern:

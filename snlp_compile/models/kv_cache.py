@@ -55,21 +55,16 @@ class StaticKVCache:
         """Drop the last ``n_positions`` filled positions."""
         filled = int(self.pos)
         if not 0 <= n_positions <= filled:
-            raise ValueError(
-                f"rollback n_positions must be in [0, {filled}] (positions filled), got {n_positions}"
-            )
+            raise ValueError(f"rollback n_positions must be in [0, {filled}] (positions filled), got {n_positions}")
         self.pos.sub_(n_positions)
 
     def check(self, batch_size: int, n_new: int) -> None:
         """Raise ValueError if a forward of [batch_size, n_new] tokens does not fit."""
         if batch_size != self.batch_size:
-            raise ValueError(
-                f"input batch size {batch_size} does not match KV cache batch size {self.batch_size}"
-            )
+            raise ValueError(f"input batch size {batch_size} does not match KV cache batch size {self.batch_size}")
         if not torch.compiler.is_compiling() and int(self.pos) + n_new > self.max_seq_len:
             raise ValueError(
-                f"KV cache overflow: {int(self.pos)} positions filled + {n_new} new > "
-                f"max_seq_len={self.max_seq_len}"
+                f"KV cache overflow: {int(self.pos)} positions filled + {n_new} new > max_seq_len={self.max_seq_len}"
             )
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
