@@ -1,0 +1,89 @@
+"""The torch.compile backend "snlp": detect the layer stack, rewrite it, hand it to inductor.
+
+Invariants: a graph the passes cannot prove safe runs unmodified (`fallback="warn"`, one log
+line saying why) or raises `SNLPFallbackError` (`fallback="error"`); a wrong configuration
+(bad option, n_seq too deep, surrogate="hc" without mixing) always raises ValueError. The
+rewritten graph goes to the inner compiler whole, so inductor derives the backward pass from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ..config import SNLPConfig
+from ..passes.detect import LayerStackMatch, NotAStack, detect_layer_stack
+from ..passes.rewrite import rewrite_stack
+from ..passes.surrogate import SurrogateRecipe, choose_recipe
+from .weights import StackedWeights
+
+logger = logging.getLogger("snlp_compile")
+
+_MODES = {
+    None: False,
+    "default": False,
+    "reduce-overhead": True,
+    "max-autotune": False,
+    "max-autotune-no-cudagraphs": False,
+}
+
+
+class SNLPFallbackError(RuntimeError):
+    """Raised instead of running a graph unmodified when fallback="error"."""
+
+
+def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig) -> Callable:
+    """Hand a graph to the configured inner compiler."""
+    if config.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches={"triton.cudagraphs": config.cudagraphs})
+
+
+def is_training(example_inputs: Sequence) -> bool:
+    """Gradients will flow: the stacking of weights must be part of the graph."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def analyse(gm: GraphModule, config: SNLPConfig) -> tuple[LayerStackMatch, list[SurrogateRecipe]]:
+    """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    match = detect_layer_stack(gm)
+    if reason is not None and getattr(reason, "graph_break", False):
+        raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")
+    if any(n.op == "placeholder" and "resume_in" in n.name for n in gm.graph.nodes):
+        raise NotAStack("this graph resumes after a graph break, so the layer stack may be split across graphs")
+    config.check_depth(len(match.layers))
+    recipes = [choose_recipe(match.layers[m[0]], config.surrogate) for m in match.groups]
+    return match, recipes
+
+
+def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None, mode: str | None = None) -> Callable:
+    """torch.compile(model, backend="snlp", options={...}); `options` are SNLPConfig fields."""
+    config = SNLPConfig.from_options(options)
+    if mode not in _MODES:
+        raise ValueError(f"snlp: mode must be one of {sorted(m for m in _MODES if m)}, got {mode!r}")
+    if _MODES[mode]:
+        config = config.replace(cudagraphs=True)
+    try:
+        match, recipes = analyse(gm, config)
+        new_gm, specs = rewrite_stack(gm, match, recipes, config, is_training(example_inputs))
+    except NotAStack as why:
+        if config.fallback == "error":
+            raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
+        logger.warning("snlp: running this graph unmodified: %s", why)
+        return inner_compile(gm, example_inputs, config)
+    weights = StackedWeights(specs)
+    compiled = inner_compile(new_gm, [*example_inputs, *weights.get(example_inputs)], config)
+    kinds = "/".join(sorted({r.kind for r in recipes}))
+    logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
+
+    def run(*args: Any) -> Any:
+        return compiled(*args, *weights.get(args))
+
+    return run

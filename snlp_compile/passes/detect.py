@@ -1,0 +1,369 @@
+"""Find the layer stack of a dynamo FX graph.
+
+Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` with the reason):
+
+- Layers are consecutive entries of one indexed module container (`blocks.3`, `blocks[3]`,
+  `_modules['3']` spellings), in graph order; glue the parent's loop applies between two layers
+  (nanochat's x0 mixing) belongs to the layer after it.
+- Each layer is a function of exactly one stack value, its state: `layers[l].state_out` feeds
+  only layer l+1, and every other input of a layer is computed without the stack (parameters,
+  constants, side inputs such as x0, rotary tables, masks). State in and out have equal
+  shape and dtype.
+- `Layer.nodes` holds only nodes that depend on the state; nodes of a layer that do not
+  (lambda lookups, mixing matrices, masks) stay in the graph and become the layer's inputs.
+- Layers with equal `key` have identical structure and input shapes: they can be evaluated
+  together with their per-layer inputs stacked on a leading axis.
+- In-place ops inside a layer only write per-layer inputs (a KV cache slice), never the state
+  or an input shared by several layers.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+# A use of a node: (user node, position of the argument in the user's flattened args/kwargs).
+Use = tuple[Node, tuple]
+
+
+class NotAStack(Exception):
+    """The graph holds no layer stack the rewrite can prove safe; the message says why."""
+
+
+@dataclass
+class Layer:
+    """One layer of the stack, as a function of its state."""
+
+    module_index: int
+    nodes: list[Node]
+    state_in: Node
+    state_out: Node
+    state_uses: set[Use]
+    inputs: list[Node] = field(default_factory=list)
+    key: tuple = ()
+
+
+@dataclass
+class LayerStackMatch:
+    container: str
+    layers: list[Layer]
+    groups: list[list[int]]
+    excluded: list[int]
+
+    def describe(self) -> str:
+        first, last = self.layers[0].module_index, self.layers[-1].module_index
+        sizes = "+".join(str(len(g)) for g in self.groups)
+        return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {len(self.groups)} fusion group(s) ({sizes})"
+
+
+def _normalise(path: str) -> str:
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def layer_key(node: Node) -> tuple[str, int] | None:
+    """(container path, index) of the outermost indexed module the node was traced in."""
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        match = _INDEXED.match(_normalise(path))
+        if match:
+            return match.group(1), int(match.group(2))
+    return None
+
+
+def flat_args(node: Node) -> Iterator[tuple[tuple, Any]]:
+    """Leaves of a node's args and kwargs with their positions."""
+
+    def walk(value: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                yield from walk(item, (*path, i))
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                yield from walk(item, (*path, k))
+        else:
+            yield path, value
+
+    yield from walk(node.args, ("args",))
+    yield from walk(node.kwargs, ("kwargs",))
+
+
+def map_args(node: Node, fn) -> tuple[tuple, dict]:
+    """Rebuild a node's (args, kwargs) with every leaf replaced by fn(position, leaf)."""
+
+    def walk(value: Any, path: tuple) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(item, (*path, i)) for i, item in enumerate(value))
+        if isinstance(value, dict):
+            return {k: walk(item, (*path, k)) for k, item in value.items()}
+        return fn(path, value)
+
+    return walk(node.args, ("args",)), walk(node.kwargs, ("kwargs",))
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, slice):
+        return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(value))
+    return value
+
+
+def _meta(node: Node) -> tuple:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(_freeze(list(value.shape))), value.dtype, value.device.type)
+    return ("value", type(value).__name__)
+
+
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def mutated_arg(node: Node) -> Node | None:
+    """The node an in-place op writes to, or None for a pure op."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return node.args[0] if isinstance(node.args[0], Node) else None
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return node.args[0] if isinstance(node.args[0], Node) else None
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and node.args and isinstance(node.args[0], Node):
+            return node.args[0]
+        if "out" in node.kwargs:
+            return node.kwargs["out"]
+    return None
+
+
+def _forward_closure(starts: set[Node], within: set[Node] | None = None) -> set[Node]:
+    seen, todo = set(), list(starts)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and (within is None or user in within):
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _backward_closure(starts: set[Node], within: set[Node]) -> set[Node]:
+    seen, todo = set(), list(starts)
+    while todo:
+        for arg in todo.pop().all_input_nodes:
+            if arg not in seen and arg in within:
+                seen.add(arg)
+                todo.append(arg)
+    return seen
+
+
+def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Node]]:
+    """Structure of `nodes` (graph order) with state uses, internal refs and external slots
+    abstracted; returns (key, external inputs in first-use order)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    slots: dict[Node, int] = {}
+    items = []
+    for n in nodes:
+        args = []
+        for path, value in flat_args(n):
+            if isinstance(value, Node):
+                if (n, path) in state_uses:
+                    ref = ("state",)
+                elif value in index:
+                    ref = ("node", index[value])
+                else:
+                    ref = ("input", slots.setdefault(value, len(slots)))
+            else:
+                ref = ("const", _freeze(value))
+            args.append((path, ref))
+        target = n.target if n.op != "call_module" else ("module", str(n.target))
+        items.append((n.op, target, tuple(args)))
+    inputs = list(slots)
+    return (tuple(items), tuple(_meta(i) for i in inputs)), inputs
+
+
+def _uses_of(node: Node, users: set[Node]) -> set[Use]:
+    return {(u, p) for u in users for p, v in flat_args(u) if v is node}
+
+
+def _match_glue(pattern: Node, candidate: Node, glue: set[Node], state: Node, found: dict) -> bool:
+    """Backward structural match of a glue node of a later layer onto layer 0's graph."""
+    if pattern is state:
+        found.setdefault("state", candidate)
+        return found["state"] is candidate
+    if pattern not in glue:
+        return True
+    if (
+        candidate.op != pattern.op
+        or candidate.target != pattern.target
+        or layer_key(candidate) is not None
+        or candidate.op == "placeholder"
+    ):
+        return False
+    p_args, c_args = list(flat_args(pattern)), list(flat_args(candidate))
+    if [p for p, _ in p_args] != [p for p, _ in c_args]:
+        return False
+    found.setdefault("glue", set()).add(candidate)
+    for (path, p), (_, c) in zip(p_args, c_args):
+        if isinstance(p, Node) != isinstance(c, Node):
+            return False
+        if isinstance(p, Node):
+            if p is state and pattern in glue:
+                found.setdefault("state_uses", set()).add((candidate, path))
+            if not _match_glue(p, c, glue, state, found):
+                return False
+        elif _freeze(p) != _freeze(c):
+            return False
+    return True
+
+
+def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
+    """Find the layer stack of `gm` or raise NotAStack with the reason."""
+    graph_nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(graph_nodes)}
+    keyed: dict[tuple[str, int], list[Node]] = defaultdict(list)
+    for n in graph_nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            key = layer_key(n)
+            if key is not None:
+                keyed[key].append(n)
+    if not keyed:
+        raise NotAStack("no node was traced inside an indexed module container (nn.ModuleList / nn.Sequential)")
+    counts = Counter(container for container, _ in keyed)
+    container, count = counts.most_common(1)[0]
+    if count < 2:
+        raise NotAStack(f"only one layer of {container} is in this graph")
+    indices = sorted(i for c, i in keyed if c == container)
+    if indices != list(range(indices[0], indices[0] + len(indices))):
+        raise NotAStack(f"the layers of {container} in this graph are not consecutive: {indices}")
+    regions = [set(keyed[(container, i)]) for i in indices]
+
+    outs = []
+    for i, region in zip(indices, regions):
+        leaving = [n for n in region if any(u not in region for u in n.users)]
+        if len(leaving) != 1:
+            names = ", ".join(n.name for n in leaving) or "nothing"
+            raise NotAStack(
+                f"layer {container}.{i} passes {len(leaving)} values on ({names}); a stack layer passes one"
+            )
+        outs.append(leaving[0])
+
+    non_keyed = {n for n in graph_nodes if layer_key(n) is None and n.op != "placeholder"}
+    layers: list[Layer | None] = [None] * len(indices)
+    for pos in range(1, len(indices)):
+        prev_out, region = outs[pos - 1], regions[pos]
+        between = _forward_closure({prev_out}, non_keyed)
+        glue = _backward_closure(region, between)
+        full = glue | region
+        stray = [u for u in prev_out.users if u not in full]
+        if stray:
+            raise NotAStack(
+                f"the state leaving {container}.{indices[pos - 1]} is also used outside "
+                f"{container}.{indices[pos]} (by {stray[0].name}): not a chain"
+            )
+        layers[pos] = _make_layer(indices[pos], full, prev_out, _uses_of(prev_out, full), outs[pos], position)
+    layers[0] = _first_layer(indices[0], regions, outs, layers, position)
+    excluded = []
+    if layers[0] is None:
+        excluded.append(indices[0])
+        layers = layers[1:]
+    _check_chain(container, layers)
+    groups = _group(layers)
+    if len(layers) < 2:
+        raise NotAStack(f"fewer than two layers of {container} form a chain")
+    return LayerStackMatch(container, layers, groups, excluded)
+
+
+def _make_layer(
+    index: int, region: set[Node], state_in: Node, state_uses: set[Use], state_out: Node, position: dict
+) -> Layer:
+    dependent = {u for u, _ in state_uses} | _forward_closure({u for u, _ in state_uses}, region)
+    dependent &= region
+    if state_out not in dependent:
+        raise NotAStack(f"the output of layer {index} does not depend on its input")
+    nodes = sorted(dependent, key=position.__getitem__)
+    key, inputs = _canonical(nodes, state_uses)
+    return Layer(index, nodes, state_in, state_out, state_uses, inputs, (key, _meta(state_in)))
+
+
+def _first_layer(index: int, regions: list, outs: list, layers: list, position: dict) -> Layer | None:
+    """Layer 0 has no previous layer to delimit its glue: match a later layer's glue onto it."""
+    key0, inputs0 = _canonical(sorted(regions[0], key=position.__getitem__), set())
+    for pos in range(1, len(regions)):
+        key, inputs = _canonical(sorted(regions[pos], key=position.__getitem__), set())
+        if key != key0:
+            continue
+        later = layers[pos]
+        glue = set(later.nodes) - regions[pos]
+        found: dict = {}
+        entries = [k for k, node in enumerate(inputs) if node is later.state_in or node in glue]
+        if not entries:
+            return None
+        for k in entries:
+            if not _match_glue(inputs[k], inputs0[k], glue, later.state_in, found):
+                return None
+            if inputs[k] is later.state_in:
+                found.setdefault("state", inputs0[k])
+                if found["state"] is not inputs0[k]:
+                    return None
+        if "state" not in found:
+            return None
+        state = found["state"]
+        glue0 = found.get("glue", set())
+        full = regions[0] | glue0
+        if any(u not in full for g in glue0 for u in g.users):
+            return None
+        uses = set(found.get("state_uses", set()))
+        for k in entries:
+            if inputs[k] is later.state_in:
+                uses |= {(u, p) for u, p in _uses_of(inputs0[k], regions[0])}
+        try:
+            return _make_layer(index, full, state, uses, outs[0], position)
+        except NotAStack:
+            return None
+    return None
+
+
+def _check_chain(container: str, layers: list[Layer]) -> None:
+    inside = set().union(*(set(layer.nodes) for layer in layers))
+    downstream = _forward_closure({layer.state_out for layer in layers[:-1]}) | inside
+    for pos, layer in enumerate(layers):
+        shape_in, shape_out = _meta(layer.state_in), _meta(layer.state_out)
+        if shape_in != shape_out:
+            raise NotAStack(
+                f"layer {container}.{layer.module_index} changes the state from {shape_in[1:]} to {shape_out[1:]}"
+            )
+        for node in layer.inputs:
+            if node in downstream:
+                raise NotAStack(
+                    f"layer {container}.{layer.module_index} reads {node.name}, which is computed from the stack "
+                    "other than through its input"
+                )
+        for node in layer.nodes:
+            target = mutated_arg(node)
+            if target is None:
+                continue
+            if target in layer.nodes or (node, ("args", 0)) in layer.state_uses:
+                raise NotAStack(f"{node.name} in layer {container}.{layer.module_index} writes its state in place")
+            if any(target in other.inputs for other in layers if other is not layer):
+                raise NotAStack(
+                    f"{node.name} in layer {container}.{layer.module_index} writes {target.name}, "
+                    "which other layers read"
+                )
+
+
+def _group(layers: list[Layer]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for pos, layer in enumerate(layers):
+        groups.setdefault(layer.key, []).append(pos)
+    return list(groups.values())

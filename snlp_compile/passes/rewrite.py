@@ -1,0 +1,248 @@
+"""Replace a detected layer stack by one structured-Newton solve.
+
+Invariants of the rewritten graph:
+
+- Every node outside the stack is kept, in its original order; the stack's state-dependent
+  nodes are replaced by one `call_module` to a `StackProgram`, placed where the last layer's
+  output was, whose value has the same meta as that output.
+- Each fusion group becomes one layer GraphModule `(state, *inputs) -> state`, evaluated for all
+  its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis.
+- Per-layer inputs are stacked without a copy where they are views of one tensor
+  (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
+  placeholders the backend fills from its weight cache (`StackedPlaceholder`); anything else is
+  stacked inside the graph, so gradients reach each layer's own tensors.
+- An input a layer writes in place is always a view slice, so writes reach the original tensor.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.fx import Graph, GraphModule, Node
+
+from ..config import SNLPConfig
+from ..solver import IDENTITY, Surrogate, solve
+from .detect import Layer, LayerStackMatch, NotAStack, map_args, mutated_arg
+from .surrogate import SurrogateRecipe, evaluate_recipe
+
+
+@dataclass
+class StackedPlaceholder:
+    """A new graph input: the original placeholders at `sources` stacked on a leading axis."""
+
+    name: str
+    sources: list[int]
+
+
+def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
+    """The layer as a standalone GraphModule (state, *layer.inputs) -> state."""
+    graph = Graph()
+    state = graph.placeholder("state")
+    inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
+    slot = {node: inputs[k] for k, node in enumerate(layer.inputs)}
+    env: dict[Node, Node] = {}
+    for node in layer.nodes:
+
+        def remap(path: tuple, value: object, node: Node = node) -> object:
+            if not isinstance(value, Node):
+                return value
+            if (node, path) in layer.state_uses:
+                return state
+            return env[value] if value in env else slot[value]
+
+        args, kwargs = map_args(node, remap)
+        env[node] = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+        env[node].meta = dict(node.meta)
+    graph.output(env[layer.state_out])
+    return GraphModule(root, graph)
+
+
+class GraphStack:
+    """The solver's view (`solver.LayerStack`) of a rewritten stack for one call."""
+
+    def __init__(self, program: StackProgram, per_layer: tuple, per_group: tuple):
+        self.program, self.per_layer, self.per_group = program, per_layer, per_group
+        self.surrogate = program.surrogate(per_group)
+
+    def __len__(self) -> int:
+        return len(self.program.group_of)
+
+    def layer(self, index: int, h: Tensor) -> Tensor:
+        return self.program.functions[self.program.group_of[index]](h, *self.per_layer[index])
+
+    def layers(self, start: int, hs: Tensor) -> Tensor:
+        end = start + hs.shape[0]
+        parts = []
+        for g, members in enumerate(self.program.groups):
+            inside = [i for i, p in enumerate(members) if start <= p < end]
+            if not inside:
+                continue
+            a, b = inside[0], inside[-1] + 1
+            local = [members[i] - start for i in range(a, b)]
+            xs = hs if local == list(range(hs.shape[0])) else hs[torch.tensor(local, device=hs.device)]
+            batched = self.program.batched[g]
+            args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
+            dims = (0, *[0 if stacked else None for stacked in batched])
+            ys = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")(xs, *args)
+            parts.append((local, ys))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = torch.empty_like(hs)
+        for local, ys in parts:
+            out = out.index_copy(0, torch.tensor(local, device=hs.device), ys)
+        return out
+
+
+class StackProgram(nn.Module):
+    """Runs the SNLP solve over the layer functions of a rewritten stack."""
+
+    def __init__(
+        self,
+        functions: list[GraphModule],
+        groups: list[list[int]],
+        batched: list[list[bool]],
+        recipes: list[SurrogateRecipe],
+        config: SNLPConfig,
+    ):
+        super().__init__()
+        self.functions = nn.ModuleList(functions)
+        self.groups, self.batched, self.recipes, self.config = groups, batched, recipes, config
+        self.group_of = [0] * sum(len(g) for g in groups)
+        for g, members in enumerate(groups):
+            for p in members:
+                self.group_of[p] = g
+
+    def surrogate(self, per_group: tuple) -> Surrogate:
+        """Per-layer J in stack order, evaluated once per call from the group inputs."""
+        values = [
+            evaluate_recipe(r, list(inputs), len(m)) for r, inputs, m in zip(self.recipes, per_group, self.groups)
+        ]
+        kinds = {r.kind for r in self.recipes}
+        if kinds == {"identity"}:
+            return IDENTITY
+        kind = "mix" if "mix" in kinds else "scale"
+        if kind == "mix":
+            size = next(v.shape[-1] for v, r in zip(values, self.recipes) if r.kind == "mix")
+            ref = next(v for v in values if v is not None)
+            eye = torch.eye(size, dtype=ref.dtype, device=ref.device)
+            values = [
+                eye.expand(len(m), size, size) if v is None else (v[:, None, None] * eye if v.dim() == 1 else v)
+                for v, m in zip(values, self.groups)
+            ]
+        else:
+            ref = next(v for v in values if v is not None)
+            values = [
+                torch.ones(len(m), dtype=ref.dtype, device=ref.device) if v is None else v
+                for v, m in zip(values, self.groups)
+            ]
+        order = torch.tensor([p for m in self.groups for p in m], device=values[0].device)
+        stacked = torch.cat(values)
+        if order.tolist() != list(range(len(order))):
+            stacked = torch.empty_like(stacked).index_copy(0, order, stacked)
+        return Surrogate(kind, stacked)
+
+    def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor:
+        return solve(GraphStack(self, per_layer, per_group), state, self.config)
+
+
+def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
+    """(base, slice) when nodes are base[i0], base[i0 + d], ... (d >= 1), else None."""
+    picks = []
+    for n in nodes:
+        if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
+            return None
+        if n.target is operator.getitem and isinstance(n.args[1], int) and not isinstance(n.args[1], bool):
+            picks.append((n.args[0], n.args[1]))
+        else:
+            return None
+    bases = {b for b, _ in picks}
+    idx = [i for _, i in picks]
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if len(bases) != 1 or step < 1 or idx != list(range(idx[0], idx[0] + step * len(idx), step)) or idx[0] < 0:
+        return None
+    return picks[0][0], slice(idx[0], idx[-1] + 1, step)
+
+
+def rewrite_stack(
+    gm: GraphModule,
+    match: LayerStackMatch,
+    recipes: list[SurrogateRecipe],
+    config: SNLPConfig,
+    training: bool,
+) -> tuple[GraphModule, list[StackedPlaceholder]]:
+    """The rewritten GraphModule and the stacked placeholders it takes after the original ones."""
+    layers = match.layers
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    stack_nodes = {n for layer in layers for n in layer.nodes}
+    plans, batched = [], []
+    for members in match.groups:
+        rep = layers[members[0]]
+        written = {mutated_arg(n) for n in rep.nodes} - {None}
+        slots, flags = [], []
+        for k, node in enumerate(rep.inputs):
+            nodes = [layers[p].inputs[k] for p in members]
+            if all(n is node for n in nodes):
+                slots.append(("shared", node))
+                flags.append(False)
+                continue
+            flags.append(True)
+            view = _view_slice(nodes)
+            if view is not None:
+                slots.append(("slice", view))
+            elif node in written:
+                raise NotAStack(
+                    f"layer {rep.module_index} writes {node.name} in place, and the layers' copies "
+                    "of it are not slices of one tensor"
+                )
+            elif not training and all(n.op == "placeholder" for n in nodes):
+                slots.append(("placeholder", [placeholders.index(n) for n in nodes]))
+            else:
+                slots.append(("stack", nodes))
+        plans.append(slots)
+        batched.append(flags)
+
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    extra: list[StackedPlaceholder] = []
+    for node in placeholders:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    for g, slots in enumerate(plans):
+        for k, (kind, value) in enumerate(slots):
+            if kind == "placeholder":
+                name = f"snlp_stacked_g{g}_i{k}"
+                extra.append(StackedPlaceholder(name, value))
+                env[(g, k)] = graph.placeholder(name)
+    program = StackProgram(
+        [layer_module(gm, layers[m[0]]) for m in match.groups], match.groups, batched, recipes, config
+    )
+    gm.add_submodule("snlp_stack", program)
+    last = layers[-1].state_out
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (node in stack_nodes and node is not last):
+            continue
+        if node is not last:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        per_group = []
+        for g, slots in enumerate(plans):
+            values = []
+            for k, (kind, value) in enumerate(slots):
+                if kind == "shared":
+                    values.append(env[value])
+                elif kind == "slice":
+                    values.append(graph.call_function(operator.getitem, (env[value[0]], value[1])))
+                elif kind == "placeholder":
+                    values.append(env[(g, k)])
+                else:
+                    values.append(graph.call_function(torch.stack, ([env[n] for n in value],)))
+            per_group.append(tuple(values))
+        per_layer = tuple(tuple(env[n] for n in layer.inputs) for layer in layers)
+        out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, tuple(per_group)))
+        out.meta = dict(last.meta)
+        env[last] = out
+    new_gm = GraphModule(gm, graph)
+    new_gm.graph.lint()
+    return new_gm, extra
