@@ -13,6 +13,7 @@ A *layer stack* is anything with `len(stack)`, `stack.layer(i, h) -> h'` (one la
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -172,12 +173,11 @@ def _super_layers(stack: LayerStack, start: int, sizes: list[int], u: Tensor) ->
     n = sum(sizes)
     if n == len(sizes):
         return stack.layers(start, u)
-    counts = torch.tensor(sizes, device=u.device)
-    member_inputs = torch.repeat_interleave(u, counts, dim=0)
+    group_of = torch.tensor([g for g, size in enumerate(sizes) for _ in range(size)], device=u.device)
+    member_inputs = u.index_select(0, group_of)
     per_layer = stack.surrogate[start : start + n]
     after, whole = per_layer.compose(sizes)
     updates = after.apply(stack.layers(start, member_inputs) - per_layer.apply(member_inputs))
-    group_of = torch.repeat_interleave(torch.arange(len(sizes), device=u.device), counts)
     return whole.apply(u).index_add(0, group_of, updates)
 
 
@@ -227,7 +227,7 @@ def solve_trace(stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: int | 
         trace[i] = h
     for start, sizes in schedule(len(stack), config):
         out, inputs = _solve_block(stack, start, sizes, h, config, iters)
-        ends = torch.tensor(sizes).cumsum(0).tolist()
+        ends = list(itertools.accumulate(sizes))
         trace.update({start + e - 1: inputs[g + 1] for g, e in enumerate(ends[:-1])})
         trace[start + ends[-1] - 1] = out
         h = out

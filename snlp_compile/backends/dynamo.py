@@ -19,7 +19,6 @@ from ..config import SNLPConfig
 from ..passes.detect import LayerStackMatch, NotAStack, detect_layer_stack
 from ..passes.rewrite import rewrite_stack
 from ..passes.surrogate import SurrogateRecipe, choose_recipe
-from .weights import StackedWeights
 
 logger = logging.getLogger("snlp_compile")
 
@@ -72,18 +71,18 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
         config = config.replace(cudagraphs=True)
     try:
         match, recipes = analyse(gm, config)
-        new_gm, specs = rewrite_stack(gm, match, recipes, config, is_training(example_inputs))
+        new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), is_training(example_inputs))
     except NotAStack as why:
         if config.fallback == "error":
             raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
         logger.warning("snlp: running this graph unmodified: %s", why)
         return inner_compile(gm, example_inputs, config)
-    weights = StackedWeights(specs)
-    compiled = inner_compile(new_gm, [*example_inputs, *weights.get(example_inputs)], config)
+    compiled = inner_compile(new_gm, example_inputs, config)
     kinds = "/".join(sorted({r.kind for r in recipes}))
     logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
 
     def run(*args: Any) -> Any:
-        return compiled(*args, *weights.get(args))
+        weights.refresh(args)
+        return compiled(*args)
 
     return run

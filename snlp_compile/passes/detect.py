@@ -167,9 +167,10 @@ def _backward_closure(starts: set[Node], within: set[Node]) -> set[Node]:
     return seen
 
 
-def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Node]]:
+def _canonical(nodes: list[Node], state_uses: set[Use], constants: bool = True) -> tuple[tuple, list[Node]]:
     """Structure of `nodes` (graph order) with state uses, internal refs and external slots
-    abstracted; returns (key, external inputs in first-use order)."""
+    abstracted (and constants too, unless `constants`); returns (key, external inputs in
+    first-use order)."""
     index = {n: i for i, n in enumerate(nodes)}
     slots: dict[Node, int] = {}
     items = []
@@ -184,7 +185,7 @@ def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Nod
                 else:
                     ref = ("input", slots.setdefault(value, len(slots)))
             else:
-                ref = ("const", _freeze(value))
+                ref = ("const", _freeze(value) if constants else type(value).__name__)
             args.append((path, ref))
         target = n.target if n.op != "call_module" else ("module", str(n.target))
         items.append((n.op, target, tuple(args)))
@@ -287,8 +288,10 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
 def _make_layer(
     index: int, region: set[Node], state_in: Node, state_uses: set[Use], state_out: Node, position: dict
 ) -> Layer:
-    dependent = {u for u, _ in state_uses} | _forward_closure({u for u, _ in state_uses}, region)
-    dependent &= region
+    # Nodes reading a tensor the layer writes in place must run after the write: keep them in.
+    written = {mutated_arg(n) for n in region} - {None}
+    starts = {u for u, _ in state_uses} | {n for n in region if set(n.all_input_nodes) & written}
+    dependent = (starts | _forward_closure(starts, region)) & region
     if state_out not in dependent:
         raise NotAStack(f"the output of layer {index} does not depend on its input")
     nodes = sorted(dependent, key=position.__getitem__)
@@ -298,9 +301,9 @@ def _make_layer(
 
 def _first_layer(index: int, regions: list, outs: list, layers: list, position: dict) -> Layer | None:
     """Layer 0 has no previous layer to delimit its glue: match a later layer's glue onto it."""
-    key0, inputs0 = _canonical(sorted(regions[0], key=position.__getitem__), set())
+    key0, inputs0 = _canonical(sorted(regions[0], key=position.__getitem__), set(), constants=False)
     for pos in range(1, len(regions)):
-        key, inputs = _canonical(sorted(regions[pos], key=position.__getitem__), set())
+        key, inputs = _canonical(sorted(regions[pos], key=position.__getitem__), set(), constants=False)
         if key != key0:
             continue
         later = layers[pos]

@@ -9,32 +9,23 @@ Invariants of the rewritten graph:
   its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
-  placeholders the backend fills from its weight cache (`StackedPlaceholder`); anything else is
-  stacked inside the graph, so gradients reach each layer's own tensors.
+  buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
+  graph, so gradients reach each layer's own tensors.
 - An input a layer writes in place is always a view slice, so writes reach the original tensor.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
 from ..solver import IDENTITY, Surrogate, solve
+from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, map_args, mutated_arg
 from .surrogate import SurrogateRecipe, evaluate_recipe
-
-
-@dataclass
-class StackedPlaceholder:
-    """A new graph input: the original placeholders at `sources` stacked on a leading axis."""
-
-    name: str
-    sources: list[int]
 
 
 def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
@@ -138,10 +129,11 @@ class StackProgram(nn.Module):
                 torch.ones(len(m), dtype=ref.dtype, device=ref.device) if v is None else v
                 for v, m in zip(values, self.groups)
             ]
-        order = torch.tensor([p for m in self.groups for p in m], device=values[0].device)
+        order = [p for m in self.groups for p in m]
         stacked = torch.cat(values)
-        if order.tolist() != list(range(len(order))):
-            stacked = torch.empty_like(stacked).index_copy(0, order, stacked)
+        if order != list(range(len(order))):
+            index = torch.tensor(order, device=stacked.device)
+            stacked = torch.empty_like(stacked).index_copy(0, index, stacked)
         return Surrogate(kind, stacked)
 
     def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor:
@@ -171,9 +163,10 @@ def rewrite_stack(
     match: LayerStackMatch,
     recipes: list[SurrogateRecipe],
     config: SNLPConfig,
+    example_inputs: list,
     training: bool,
-) -> tuple[GraphModule, list[StackedPlaceholder]]:
-    """The rewritten GraphModule and the stacked placeholders it takes after the original ones."""
+) -> tuple[GraphModule, StackedWeights]:
+    """The rewritten GraphModule and the stacked weight buffers it reads."""
     layers = match.layers
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stack_nodes = {n for layer in layers for n in layer.nodes}
@@ -206,15 +199,15 @@ def rewrite_stack(
 
     graph = Graph()
     env: dict[Node, Node] = {}
-    extra: list[StackedPlaceholder] = []
+    weights = StackedWeights()
     for node in placeholders:
         env[node] = graph.node_copy(node, env.__getitem__)
     for g, slots in enumerate(plans):
         for k, (kind, value) in enumerate(slots):
             if kind == "placeholder":
                 name = f"snlp_stacked_g{g}_i{k}"
-                extra.append(StackedPlaceholder(name, value))
-                env[(g, k)] = graph.placeholder(name)
+                gm.register_buffer(name, weights.add(value, example_inputs), persistent=False)
+                env[(g, k)] = name
     program = StackProgram(
         [layer_module(gm, layers[m[0]]) for m in match.groups], match.groups, batched, recipes, config
     )
@@ -235,7 +228,7 @@ def rewrite_stack(
                 elif kind == "slice":
                     values.append(graph.call_function(operator.getitem, (env[value[0]], value[1])))
                 elif kind == "placeholder":
-                    values.append(env[(g, k)])
+                    values.append(graph.get_attr(env[(g, k)]))
                 else:
                     values.append(graph.call_function(torch.stack, ([env[n] for n in value],)))
             per_group.append(tuple(values))
@@ -245,4 +238,4 @@ def rewrite_stack(
         env[last] = out
     new_gm = GraphModule(gm, graph)
     new_gm.graph.lint()
-    return new_gm, extra
+    return new_gm, weights

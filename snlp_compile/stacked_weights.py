@@ -1,0 +1,86 @@
+"""Stacked layer weights for inference: built once, refreshed only when the weights change.
+
+Invariant: after `refresh(args)`, every buffer equals `torch.stack([args[i] for i in sources])`.
+When the sources are equally spaced views of one storage (`snlp_compile.prepare`) the buffer is
+a view of that storage, with no copy and nothing to refresh; otherwise it is an owned copy made
+once and updated in place (same address, so CUDA graphs stay valid) when a source is replaced or
+changed in place (version counters). The user's tensors are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("snlp_compile")
+
+
+def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """A [n, ...] view over the tensors' common storage when they are equally spaced in it."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    for t in tensors:
+        same_layout = t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+        if t.untyped_storage().data_ptr() != storage or not same_layout:
+            return None
+    offsets = [t.storage_offset() for t in tensors]
+    step = offsets[1] - offsets[0] if len(offsets) > 1 else first.numel()
+    if step <= 0 or offsets != [offsets[0] + i * step for i in range(len(offsets))]:
+        return None
+    with torch.no_grad():
+        return first.detach().as_strided((len(tensors), *first.shape), (step, *first.stride()), offsets[0])
+
+
+def _key(tensors: Sequence[Tensor]) -> tuple:
+    return tuple((id(t), t._version) for t in tensors)
+
+
+class StackedWeights:
+    """The stacked weight buffers of one rewritten graph, keyed by the graph inputs they stack."""
+
+    def __init__(self) -> None:
+        self.sources: list[list[int]] = []
+        self.buffers: list[Tensor] = []
+        self._keys: list[tuple] = []
+        self._alive: list[list[Tensor]] = []  # keeps the ids in the keys unique
+
+    def add(self, sources: list[int], args: Sequence[Tensor]) -> Tensor:
+        """Register a stack of args[i] for i in sources; returns its buffer."""
+        tensors = [args[i] for i in sources]
+        buffer = stacked_view(tensors)
+        if buffer is None:
+            with torch.no_grad():
+                buffer = torch.stack([t.detach() for t in tensors])
+            logger.info(
+                "snlp: copied %s weights of %d layers into a stacked cache (%.2f MiB; snlp_compile.prepare(model) "
+                "stacks them in place with no copy)",
+                tuple(tensors[0].shape),
+                len(tensors),
+                buffer.numel() * buffer.element_size() / 2**20,
+            )
+        self.sources.append(list(sources))
+        self.buffers.append(buffer)
+        self._keys.append(_key(tensors))
+        self._alive.append(tensors)
+        return buffer
+
+    def refresh(self, args: Sequence[Tensor]) -> None:
+        """Bring every buffer up to date with the current args (cheap when nothing changed)."""
+        for i, sources in enumerate(self.sources):
+            tensors = [args[j] for j in sources]
+            key = _key(tensors)
+            if key == self._keys[i]:
+                continue
+            view = stacked_view(tensors)
+            if view is None or view.data_ptr() != self.buffers[i].data_ptr():
+                if self.buffers[i]._base is not None or stacked_view(self._alive[i]) is not None:
+                    raise RuntimeError(
+                        "snlp: weights stacked in place by snlp_compile.prepare were replaced; call "
+                        "torch._dynamo.reset() and compile again"
+                    )
+                with torch.no_grad():
+                    torch.stack([t.detach() for t in tensors], out=self.buffers[i])
+            self._keys[i], self._alive[i] = key, tensors
