@@ -2,5 +2,7 @@
 
 from .backends.dynamo import SNLPFallbackError, snlp_backend
 from .config import SNLPConfig
+from .prepare import prepare
+from .report import StackReport, find_layer_stack
 
-__all__ = ["SNLPConfig", "SNLPFallbackError", "snlp_backend"]
+__all__ = ["SNLPConfig", "SNLPFallbackError", "StackReport", "find_layer_stack", "prepare", "snlp_backend"]

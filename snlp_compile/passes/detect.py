@@ -140,7 +140,14 @@ def mutated_arg(node: Node) -> Node | None:
         if node.target in _INPLACE_FUNCTIONS:
             return node.args[0] if isinstance(node.args[0], Node) else None
         name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") and node.args and isinstance(node.args[0], Node):
+        is_operator = node.target in vars(operator).values()  # operator.and_ etc. are pure
+        if (
+            not is_operator
+            and name.endswith("_")
+            and not name.endswith("__")
+            and node.args
+            and isinstance(node.args[0], Node)
+        ):
             return node.args[0]
         if "out" in node.kwargs:
             return node.kwargs["out"]
