@@ -76,4 +76,7 @@ def find_layer_stack(
     with torch.no_grad():
         torch.compile(model, backend=capture)(*example_inputs, **kwargs)
     torch._dynamo.reset()
+    if not reports:
+        reason = "dynamo captured no graph (a graph break inside the layer loop makes it run the loop eagerly)"
+        reports.append(StackReport(found=False, reason=reason))
     return reports

@@ -357,7 +357,7 @@ def _check_chain(container: str, layers: list[Layer]) -> None:
             if node in downstream:
                 raise NotAStack(
                     f"layer {container}.{layer.module_index} reads {node.name}, which is computed from the stack "
-                    "other than through its input"
+                    "other than through its input: not a chain"
                 )
         for node in layer.nodes:
             target = mutated_arg(node)

@@ -145,15 +145,17 @@ def choose_recipe(layer: Layer, requested: str) -> SurrogateRecipe:
 
 
 def evaluate_recipe(recipe: SurrogateRecipe, inputs: list[torch.Tensor], n: int) -> torch.Tensor | None:
-    """J for n layers from their (stacked, leading axis n, or shared) inputs: [n] or [n, M, M]."""
-    value = None
+    """J for n layers from their (stacked, leading axis n, or shared) inputs: None (identity),
+    [n] (scale) or [n, M, M] (mix). Scalars commute with the mixing, so they are kept apart."""
+    scale, matrix = None, None
     for kind, (source, ref) in recipe.factors:
         factor = torch.as_tensor(ref) if source == "const" else inputs[ref]
         if kind == "scale":
-            factor = factor.reshape(-1).expand(n) if factor.numel() in (1, n) else factor.reshape(n)
-            if recipe.kind == "mix":
-                factor = factor[:, None, None]
-        elif factor.dim() == 2:
-            factor = factor.expand(n, *factor.shape)
-        value = factor if value is None else (factor @ value if kind == "mix" else factor * value)
-    return value
+            factor = factor.reshape(-1).expand(n) if factor.numel() == 1 else factor.reshape(n)
+            scale = factor if scale is None else factor * scale
+        else:
+            factor = factor.expand(n, *factor.shape) if factor.dim() == 2 else factor
+            matrix = factor if matrix is None else factor @ matrix
+    if matrix is None:
+        return scale
+    return matrix if scale is None else scale.to(matrix.dtype)[:, None, None] * matrix

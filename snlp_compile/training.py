@@ -1,0 +1,306 @@
+"""SNLP-aware regularisation: train a model so that few Newton iterations suffice at inference.
+
+`SNLPRegularizer` watches the layer stack of an eager model with forward hooks and, after each
+normal forward, scores how far a K-iteration SNLP solve of the last n_par layers lands from the
+sequential trace that forward just computed:
+
+    R = mean_j mean_batch ||h~_j - h_j|| / ||h_j||,    loss = weight * warmup(step) * R
+
+Invariants:
+
+- The SNLP trace h~ is `solver.solve_trace` on the hooked blocks themselves (closures over the
+  captured side inputs), started from the state before the first parallel layer; h is the
+  captured sequential trace. A term with iters >= n_par is exactly zero (the solver's exactness
+  invariant) and is not computed.
+- The surrogate matches what the snlp backend reads off the graph: IDN, a scaled identity
+  (`resid_lambdas`, x0 mixing) or HCN (the blocks' HyperConnection H_res matrices composed in
+  registration order, which is their execution order in MHCBlock).
+- With weight 0 no hook is registered and `loss()` is a constant zero.
+- The model is never modified beyond the hooks (`remove()` takes them off); its weights are
+  only read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import SNLPConfig
+from .models.gpt import DecoderLM
+from .models.mhc import HyperConnection, sinkhorn
+from .prepare import _signature
+from .solver import IDENTITY, CallableStack, Surrogate, solve_trace
+
+logger = logging.getLogger("snlp_compile")
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, container) of the nn.ModuleList with the most structurally identical children.
+
+    This is the module-tree counterpart of passes/detect.py's layer stack (which finds the same
+    container through the `nn_module_stack` paths of a traced graph); children are compared by
+    type and parameter signature, as `snlp_compile.prepare` groups layers for stacking.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    best_count = 1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        count = max(Counter((type(c), _signature(c)) for c in module).values())
+        if count > best_count:
+            best, best_count = (name, module), count
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList with two or more structurally identical children "
+            "(a layer stack) for the SNLP regulariser to watch"
+        )
+    return best
+
+
+@dataclass
+class _Call:
+    """One block call seen by the hook: block(state, *args, **kwargs) -> output."""
+
+    state: Tensor
+    args: tuple
+    kwargs: dict
+    output: Tensor
+
+
+def _relative_error(approx: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch (leading axis) of ||approx - target|| / ||target||, in float32."""
+    diff = (approx - target).float().flatten(1)
+    norm = torch.linalg.vector_norm(target.float().flatten(1), dim=1).clamp_min(1e-12)
+    return (torch.linalg.vector_norm(diff, dim=1) / norm).mean()
+
+
+def _check_side_input(value: Any, where: str) -> None:
+    if isinstance(value, (Tensor, int, float, bool, str, type(None))):
+        return
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _check_side_input(item, where)
+        return
+    raise ValueError(
+        f"SNLPRegularizer: {where} receives a {type(value).__name__}; side inputs must be tensors or constants, "
+        "since the regulariser calls each block again (a KV cache would be written twice: regularise "
+        "training forwards without one)"
+    )
+
+
+class SNLPRegularizer:
+    """The SNLP-aware regularisation loss of an eager model (the paper's lambda * mean_j rel. error).
+
+    Usage, after each normal training forward (eager, bf16 autocast and gradient accumulation:
+    one forward, one `loss()`; the loss is computed under the autocast state of the forward):
+
+        reg = SNLPRegularizer(model, weight=0.5, warmup_steps=100)
+        logits = model(x)                  # or: with reg: logits = model(x)
+        loss = ce(logits, y) + reg.loss()
+        loss.backward(); opt.step(); reg.step()
+
+    `with reg:` drops captures of earlier forwards, so the loss refers to the forward inside it.
+
+    Arguments: weight >= 0 (lambda); n_par: the number(s) of last layers solved in parallel, each
+    in [1, L] (the loss averages over them; default L // 2); stride: 0 scores the last layer only,
+    s >= 1 every s-th layer of the parallel part (s <= min(n_par)); iters (K) >= 1 and init
+    ("h0" | "batch_fwd") of the solve; detach_target: no gradient through the sequential trace;
+    warmup_steps >= 0: the weight ramps linearly from 0 at step 0 to full at warmup_steps;
+    surrogate: "auto" (HCN for blocks with HyperConnections, else read off the glue), "identity"
+    (IDN) or "hc" (HCN; an error without HyperConnections).
+
+    The stack is found by `find_block_list`. Glue the parent loop applies between blocks is
+    invisible to hooks; it is detected (the input of block l+1 is not the output of block l) and
+    modelled for the reference models' x0 mixing (x_l = resid_lambdas[l] * h + x0_lambdas[l] *
+    x0, the x0 term read off the captured tensors), which, as in the snlp backend, belongs to the
+    layer after it; any other glue raises ValueError.
+
+    With n_par = L and x0 mixing, the solve starts from block 0's input (after its mixing) where
+    the backend starts from x0: the two differ only in the initial guess.
+
+    Compiled models: hooks registered on the blocks fire inside `torch.compile(model)` too, since
+    dynamo traces them (checked on CPU with the eager, aot_eager and inductor backends: the same
+    loss and gradients as eager); `loss()` itself runs eagerly. Give the regulariser the module,
+    not the compiled wrapper. Blocks must be deterministic (no dropout), since the SNLP trace
+    calls them again. DistributedDataParallel: not tried.
+    """
+
+    _solving = False  # set while any regulariser re-runs blocks: their calls are not a forward to capture
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weight: float = 0.5,
+        n_par: int | Sequence[int] | None = None,
+        stride: int = 0,
+        iters: int = 1,
+        init: str = "h0",
+        detach_target: bool = False,
+        warmup_steps: int = 0,
+        surrogate: str = "auto",
+    ) -> None:
+        self.name, self.blocks = find_block_list(model)
+        depth = len(self.blocks)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"SNLPRegularizer.weight must be a number >= 0, got {weight!r}")
+        n_par = (depth // 2,) if n_par is None else ((n_par,) if isinstance(n_par, int) else tuple(n_par))
+        if not n_par or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= depth for n in n_par):
+            raise ValueError(
+                f"SNLPRegularizer.n_par must be one or more integers in [1, {depth}] (layers of {self.name}), "
+                f"got {n_par!r}"
+            )
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= min(n_par):
+            raise ValueError(f"SNLPRegularizer.stride must be an integer in [0, {min(n_par)}], got {stride!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"SNLPRegularizer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if not isinstance(detach_target, bool):
+            raise ValueError(f"SNLPRegularizer.detach_target must be True or False, got {detach_target!r}")
+        self.config = SNLPConfig(iters=iters, init=init, surrogate=surrogate)
+        self.hyper_connections = [[m for m in b.modules() if isinstance(m, HyperConnection)] for b in self.blocks]
+        has_hc = all(self.hyper_connections)
+        if surrogate == "hc" and not has_hc:
+            raise ValueError(
+                f"SNLPRegularizer.surrogate='hc' needs HyperConnection modules in every block of {self.name}; "
+                "use 'auto' or 'identity'"
+            )
+        self.use_hc = has_hc and surrogate in ("auto", "hc")
+        self.model, self.weight, self.n_par, self.stride = model, float(weight), n_par, stride
+        self.detach_target, self.warmup_steps, self.step_count = detach_target, warmup_steps, 0
+        self._device = next(model.parameters()).device
+        self._calls: list[_Call | None] | None = None
+        self._autocast: tuple[str, bool, torch.dtype] | None = None
+        self._handles = []
+        if self.weight > 0:
+            self._handles = [
+                block.register_forward_hook(self._hook(i), with_kwargs=True) for i, block in enumerate(self.blocks)
+            ]
+
+    def _hook(self, index: int) -> Callable:
+        def capture(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if SNLPRegularizer._solving:
+                return
+            if index == 0:
+                self._calls = [None] * len(self.blocks)
+                device = args[0].device.type if args and isinstance(args[0], Tensor) else self._device.type
+                self._autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            if self._calls is not None:
+                state = args[0] if args else None
+                self._calls[index] = _Call(state, tuple(args[1:]), dict(kwargs), output)
+
+        return capture
+
+    @property
+    def current_weight(self) -> float:
+        """weight * warmup(step): ramps linearly from 0 at step 0 to weight at warmup_steps."""
+        if self.warmup_steps == 0:
+            return self.weight
+        return self.weight * min(1.0, self.step_count / self.warmup_steps)
+
+    def step(self) -> None:
+        """Advance the warm-up schedule by one optimizer step."""
+        self.step_count += 1
+
+    def remove(self) -> None:
+        """Take the hooks off the model and drop captured tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._calls = [], None
+
+    def __enter__(self) -> SNLPRegularizer:
+        self._calls = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def loss(self) -> Tensor:
+        """weight * warmup(step) * R for the latest captured forward (a scalar; zero when the
+        current weight is 0). Consumes the captures: one forward, one loss."""
+        scale = self.current_weight
+        calls, self._calls = self._calls, None
+        if scale == 0:
+            return torch.zeros((), device=self._device)
+        calls = self._checked(calls)
+        device_type, enabled, dtype = self._autocast
+        SNLPRegularizer._solving = True
+        try:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                terms = [self._gap(calls, n) for n in self.n_par if self.config.iters < n]
+        finally:
+            SNLPRegularizer._solving = False
+        if not terms:
+            return torch.zeros((), device=self._device)
+        return scale * torch.stack(terms).sum() / len(self.n_par)
+
+    def _checked(self, calls: list[_Call | None] | None) -> list[_Call]:
+        if calls is None or any(c is None for c in calls):
+            raise RuntimeError(
+                f"SNLPRegularizer.loss(): no complete forward of {self.name} was captured since the last loss() "
+                "(run the model forward first, inside `with reg:` when using the context form)"
+            )
+        for i, call in enumerate(calls):
+            where = f"{self.name}.{i}"
+            if not isinstance(call.state, Tensor) or not isinstance(call.output, Tensor):
+                raise ValueError(
+                    f"SNLPRegularizer: {where} must be called as block(state, ...) with the state tensor as its first "
+                    "positional argument and return the new state tensor"
+                )
+            _check_side_input((call.args, tuple(call.kwargs.values())), where)
+        return calls
+
+    def _glue(self, calls: list[_Call], index: int) -> tuple[Tensor, Tensor] | None:
+        """(r, c) with x_index = r * output_{index-1} + c, or None when the blocks chain directly."""
+        if index == 0 or calls[index].state is calls[index - 1].output:
+            return None
+        model = self.model
+        if not (isinstance(model, DecoderLM) and model.config.x0_mixing):
+            raise ValueError(
+                f"SNLPRegularizer: the input of {self.name}.{index} is not the output of {self.name}.{index - 1}: "
+                f"the parent {type(model).__name__} transforms the state between blocks, which hooks cannot see; "
+                "only the x0 mixing of snlp_compile.models is modelled"
+            )
+        r = model.resid_lambdas[index]
+        return r, calls[index].state - r * calls[index - 1].output
+
+    def _surrogate(self, glue: list[tuple[Tensor, Tensor] | None], first: int) -> Surrogate:
+        """J of the parallel layers from `first` on: HCN mixing and/or the glue's resid_lambdas scale."""
+        scales = [None if g is None else g[0] for g in glue]
+        if self.use_hc:
+            values = []
+            for hcs, r in zip(self.hyper_connections[first:], scales, strict=True):
+                mix = torch.eye(hcs[0].res_logits.shape[-1], device=self._device)
+                for hc in hcs:
+                    mix = sinkhorn(hc.res_logits.float(), hc.sinkhorn_iters) @ mix
+                values.append(mix if r is None else r * mix)
+            return Surrogate("mix", torch.stack(values))
+        if self.config.surrogate == "auto" and any(r is not None for r in scales):
+            one = torch.ones((), device=self._device)
+            return Surrogate("scale", torch.stack([one if r is None else r.float() for r in scales]))
+        return IDENTITY
+
+    def _gap(self, calls: list[_Call], n_par: int) -> Tensor:
+        """R for the last n_par layers: mean over the scored layers of the batch-mean relative error."""
+        first = len(calls) - n_par
+        glue = [self._glue(calls, i) for i in range(first, len(calls))]
+
+        def layer(i: int) -> Callable[[Tensor], Tensor]:
+            call, block, g = calls[first + i], self.blocks[first + i], glue[i]
+            if g is None:
+                return lambda h: block(h, *call.args, **call.kwargs)
+            return lambda h: block(g[0] * h + g[1], *call.args, **call.kwargs)
+
+        stack = CallableStack([layer(i) for i in range(n_par)], self._surrogate(glue, first))
+        h0 = calls[first - 1].output if first > 0 else calls[0].state
+        trace = solve_trace(stack, h0, self.config)
+        scored = [n_par - 1] if self.stride == 0 else list(range(self.stride - 1, n_par, self.stride))
+        errors = []
+        for j in scored:
+            target = calls[first + j].output
+            errors.append(_relative_error(trace[j], target.detach() if self.detach_target else target))
+        return torch.stack(errors).mean()

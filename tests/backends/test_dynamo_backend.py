@@ -1,0 +1,146 @@
+"""The snlp backend end to end on the reference models, on CPU (inner="eager" unless said)."""
+
+import dataclasses
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from reference import solver_logits
+
+import snlp_compile
+from snlp_compile import SNLPConfig
+from snlp_compile.models import GPT, MHCGPT, GPTConfig
+
+VARIANTS = [
+    (GPT, {}),
+    (GPT, dict(x0_mixing=True)),
+    (GPT, dict(window_pattern=(8, None), n_kv_head=2, softcap=15.0)),
+    (MHCGPT, {}),
+    (MHCGPT, dict(x0_mixing=True, n_kv_head=1)),
+]
+CONFIGS = [
+    SNLPConfig(iters=1),
+    SNLPConfig(iters=2, n_seq=1),
+    SNLPConfig(iters=1, blocks=2, init="batch_fwd"),
+    SNLPConfig(iters=1, fuse=2),
+    SNLPConfig(iters=2, damping=0.25, surrogate="identity"),
+]
+
+
+def build(cls, kw, n_layer=4):
+    model = cls(GPTConfig.preset("tiny", n_layer=n_layer, **kw)).eval()
+    if kw.get("x0_mixing"):
+        with torch.no_grad():
+            model.resid_lambdas.uniform_(0.7, 1.3)
+            model.x0_lambdas.uniform_(-0.5, 0.5)
+    return model
+
+
+def compiled(model, config, **changes):
+    options = dataclasses.asdict(config.replace(inner="eager", fallback="error", **changes))
+    return torch.compile(model, backend="snlp", options=options)
+
+
+IDX = torch.randint(0, 64, (2, 16))
+
+
+@pytest.mark.parametrize("cls, kw", VARIANTS)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@torch.no_grad()
+def test_backend_equals_solver_core(cls, kw, config):
+    model = build(cls, kw)
+    out = compiled(model, config)(IDX)
+    torch.testing.assert_close(out, solver_logits(model, IDX, config), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("cls, kw", VARIANTS)
+@torch.no_grad()
+def test_exact_when_iters_reach_block_size_and_not_at_one(cls, kw):
+    model = build(cls, kw)
+    eager = model(IDX)
+    torch.testing.assert_close(compiled(model, SNLPConfig(iters=4))(IDX), eager, atol=2e-5, rtol=2e-5)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled(model, SNLPConfig(iters=2, blocks=2))(IDX), eager, atol=2e-5, rtol=2e-5)
+    torch._dynamo.reset()
+    assert (compiled(model, SNLPConfig(iters=1))(IDX) - eager).abs().max() > 1e-3  # the rewrite ran
+
+
+@torch.no_grad()
+def test_two_sequence_lengths_in_a_row():
+    model = build(GPT, dict(x0_mixing=True))
+    fn = compiled(model, SNLPConfig(iters=4))
+    for T in (16, 9, 12):
+        idx = torch.randint(0, 64, (2, T))
+        torch.testing.assert_close(fn(idx), model(idx), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("cls, kw", [VARIANTS[1], VARIANTS[3]])
+def test_backward_matches_autograd_through_the_solver_core(cls, kw):
+    model = build(cls, kw)
+    config = SNLPConfig(iters=1, fuse=2)
+    compiled(model, config)(IDX).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    solver_logits(model, IDX, config).square().mean().backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_inductor_inference_and_training():
+    model = build(GPT, dict(x0_mixing=True))
+    fn = torch.compile(model, backend="snlp", options=dict(iters=4, fallback="error"))
+    with torch.no_grad():
+        torch.testing.assert_close(fn(IDX), model(IDX), atol=5e-5, rtol=5e-5)
+    fn(IDX).sum().backward()
+    assert model.blocks[2].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_weight_updates_after_compiling_are_seen(caplog):
+    model = build(GPT, {})
+    fn = compiled(model, SNLPConfig(iters=4))
+    fn(IDX)
+    model.blocks[1].mlp.c_fc.weight.mul_(1.5)  # in place: version counter moves
+    torch.testing.assert_close(fn(IDX), model(IDX), atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def test_prepare_is_zero_copy_and_keeps_the_state_dict(caplog):
+    model = build(MHCGPT, {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    snlp_compile.prepare(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    q = [b.attn.c_q.weight for b in model.blocks]
+    assert len({w.untyped_storage().data_ptr() for w in q}) == 1
+    with caplog.at_level(logging.INFO, logger="snlp_compile"):
+        out = compiled(model, SNLPConfig(iters=4))(IDX)
+    assert "copied" not in caplog.text and "rewrote 4 layers" in caplog.text
+    torch.testing.assert_close(out, model(IDX), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_options():
+    model = build(GPT, {})
+    with pytest.raises(Exception, match="unknown SNLP option"):
+        torch.compile(model, backend="snlp", options={"iterations": 2})(IDX)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="n_seq must be < the number of layers"):
+        torch.compile(model, backend="snlp", options={"n_seq": 4, "inner": "eager"})(IDX)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="surrogate='hc' needs stream mixing"):
+        torch.compile(model, backend="snlp", options={"surrogate": "hc", "inner": "eager"})(IDX)
+
+
+def test_string_backend_in_a_fresh_process():
+    code = (
+        "import torch; from snlp_compile.models import GPT, GPTConfig; "
+        "m = GPT(GPTConfig.preset('tiny')).eval(); x = torch.randint(0, 64, (1, 8)); "
+        "out = torch.compile(m, backend='snlp', options={'iters': 4, 'inner': 'eager', 'fallback': 'error'})(x); "
+        "assert (out - m(x)).abs().max() < 1e-4; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,66 @@
+"""Smoke runs of the benchmark scripts on CPU (tiny preset, eager inner compiler): the JSONs hold the
+expected rows, SNLP with iters >= layers matches the sequential model, and the plots are written."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ["eager", "dynamo-eager"]
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()  # smoke runs set one thread
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.syspath_prepend(str(ROOT))
+            for script, grid in (("bench_forward", "headline"), ("bench_decode", "minimal")):
+                importlib.import_module(f"benchmarks.{script}").main(["--smoke", "--grid", grid, "--out", str(out)])
+            importlib.import_module("benchmarks.frontier").main(
+                ["--inputs", str(out / "forward.json"), str(out / "decode.json"), "--out", str(out)]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize(
+    "question, snlp",
+    [
+        ("forward", ["snlp p4 F1 K1", "snlp p4 F1 K4 check", "snlp p2 F2 K1", "snlp p4 F1 K2 B2"]),
+        ("decode", ["snlp p4 F1 K1", "snlp p4 F1 K4 check"]),
+    ],
+)
+def test_rows(smoke_dir: Path, question: str, snlp: list[str]) -> None:
+    doc = json.loads((smoke_dir / f"{question}.json").read_text())
+    assert doc["question"] == question and doc["env"]["torch"]
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert list(rows) == BASELINES + snlp
+    assert all(r["preset"] == "tiny" and r["batch"] == 1 for r in rows.values())
+    for name, row in rows.items():
+        assert row["status"] == ("checked" if name.endswith("check") else "ok"), row
+        if row["status"] == "ok":
+            assert row["ms"] > 0 and row["tokens_per_s"] > 0
+            assert set(row["speedup"]) == set(BASELINES) and row["best_baseline"] in BASELINES
+    assert rows["eager"]["rel_err"] == 0.0
+    assert rows["snlp p4 F1 K1"]["rel_err"] > 1e-3  # one iteration is an approximation: recorded, not checked
+    assert (smoke_dir / f"{question}.png").stat().st_size > 0
+
+
+def test_exact_snlp_matches_sequential(smoke_dir: Path) -> None:
+    for question in ("forward", "decode"):
+        rows = json.loads((smoke_dir / f"{question}.json").read_text())["rows"]
+        exact = [r for r in rows if r["kind"] == "snlp" and r["exact"]]
+        assert exact and all(r["rel_err"] < 1e-4 and r["top1"] == 1.0 for r in exact)
+        assert all(r["options"]["fallback"] == "error" for r in rows if r["kind"] == "snlp")
+
+
+def test_frontier(smoke_dir: Path) -> None:
+    assert (smoke_dir / "frontier.png").stat().st_size > 0
+    text = (smoke_dir / "results.md").read_text()
+    assert "### forward" in text and "### decode" in text and "snlp p4 F1 K1" in text
