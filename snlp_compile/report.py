@@ -53,7 +53,7 @@ def find_layer_stack(
 
     def capture(gm: torch.fx.GraphModule, inputs: Sequence) -> Any:
         try:
-            match, recipes = analyse(gm, config)
+            match, recipes, _ = analyse(gm, config)
         except NotAStack as why:
             reports.append(StackReport(found=False, reason=str(why)))
             return gm.forward

@@ -49,17 +49,21 @@ def is_training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def analyse(gm: GraphModule, config: SNLPConfig) -> tuple[LayerStackMatch, list[SurrogateRecipe]]:
-    """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured."""
+def analyse(gm: GraphModule, config: SNLPConfig) -> tuple[LayerStackMatch, list[SurrogateRecipe], SNLPConfig]:
+    """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured.
+
+    Leading layers the detector leaves out of the stack run sequentially anyway, so they count
+    towards n_seq: the returned config is the one to apply to the detected stack."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     match = detect_layer_stack(gm)
     if reason is not None and getattr(reason, "graph_break", False):
         raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")
     if any(n.op == "placeholder" and "resume_in" in n.name for n in gm.graph.nodes):
         raise NotAStack("this graph resumes after a graph break, so the layer stack may be split across graphs")
+    config = config.replace(n_seq=max(0, config.n_seq - len(match.excluded)))
     config.check_depth(len(match.layers))
     recipes = [choose_recipe(match.layers[m[0]], config.surrogate) for m in match.groups]
-    return match, recipes
+    return match, recipes, config
 
 
 def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None, mode: str | None = None) -> Callable:
@@ -70,7 +74,7 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
     if _MODES[mode]:
         config = config.replace(cudagraphs=True)
     try:
-        match, recipes = analyse(gm, config)
+        match, recipes, config = analyse(gm, config)
         new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), is_training(example_inputs))
     except NotAStack as why:
         if config.fallback == "error":

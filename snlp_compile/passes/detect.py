@@ -307,38 +307,51 @@ def _make_layer(
 
 
 def _first_layer(index: int, regions: list, outs: list, layers: list, position: dict) -> Layer | None:
-    """Layer 0 has no previous layer to delimit its glue: match a later layer's glue onto it."""
-    key0, inputs0 = _canonical(sorted(regions[0], key=position.__getitem__), set(), constants=False)
+    """Layer 0 has no previous layer to delimit its glue and state: match a later layer of the
+    same structure onto it node by node; an argument that is the later layer's state (or its
+    glue) marks a state use in layer 0, even where layer 0's state is also a side input (x0)."""
+    nodes0 = sorted(regions[0], key=position.__getitem__)
     for pos in range(1, len(regions)):
-        key, inputs = _canonical(sorted(regions[pos], key=position.__getitem__), set(), constants=False)
-        if key != key0:
-            continue
         later = layers[pos]
+        nodes = sorted(regions[pos], key=position.__getitem__)
+        if len(nodes) != len(nodes0):
+            continue
         glue = set(later.nodes) - regions[pos]
-        found: dict = {}
-        entries = [k for k, node in enumerate(inputs) if node is later.state_in or node in glue]
-        if not entries:
-            return None
-        for k in entries:
-            if not _match_glue(inputs[k], inputs0[k], glue, later.state_in, found):
-                return None
-            if inputs[k] is later.state_in:
-                found.setdefault("state", inputs0[k])
-                if found["state"] is not inputs0[k]:
-                    return None
-        if "state" not in found:
-            return None
-        state = found["state"]
+        index_of = {n: i for i, n in enumerate(nodes)}
+        found: dict = {"state_uses": set()}
+        ok = True
+        for p_node, c_node in zip(nodes, nodes0, strict=True):
+            p_args, c_args = list(flat_args(p_node)), list(flat_args(c_node))
+            if (p_node.op, p_node.target) != (c_node.op, c_node.target) or [a for a, _ in p_args] != [
+                a for a, _ in c_args
+            ]:
+                ok = False
+                break
+            for (path, p), (_, c) in zip(p_args, c_args, strict=True):
+                if not isinstance(p, Node):
+                    continue
+                if not isinstance(c, Node) or (p in index_of) != (c in regions[0]):
+                    ok = False
+                elif p in index_of:
+                    ok = nodes0[index_of[p]] is c
+                elif p is later.state_in:
+                    found["state_uses"].add((c_node, path))
+                    found.setdefault("state", c)
+                    ok = found["state"] is c
+                elif p in glue:
+                    ok = _match_glue(p, c, glue, later.state_in, found)
+                if not ok:
+                    break
+            if not ok:
+                break
+        if not ok or "state" not in found:
+            continue
         glue0 = found.get("glue", set())
         full = regions[0] | glue0
         if any(u not in full for g in glue0 for u in g.users):
             return None
-        uses = set(found.get("state_uses", set()))
-        for k in entries:
-            if inputs[k] is later.state_in:
-                uses |= {(u, p) for u, p in _uses_of(inputs0[k], regions[0])}
         try:
-            return _make_layer(index, full, state, uses, outs[0], position)
+            return _make_layer(index, full, found["state"], found["state_uses"], outs[0], position)
         except NotAStack:
             return None
     return None
