@@ -1,10 +1,17 @@
 """snlp-compile: layer-parallel Transformer inference through Structured Newton Layer Parallelism."""
 
+import torch._dynamo
+
 from .backends.dynamo import SNLPFallbackError, snlp_backend
 from .config import SNLPConfig
 from .generate import Generation, generate, stream
 from .prepare import prepare
 from .report import StackReport, find_layer_stack
+
+# Installed packages register "snlp" through the torch_dynamo_backends entry point; a source
+# checkout on PYTHONPATH registers it on import.
+if "snlp" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(snlp_backend, name="snlp")
 
 __all__ = [
     "Generation",

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends.dynamo import snlp_backend
 from .config import SNLPConfig
 from .models.config import GPTConfig
 from .models.kv_cache import StaticKVCache
@@ -59,7 +60,8 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None) -> Forward:
         if config is None:
             per_model[config] = torch.compile(_forward, **_ISOLATE)
         else:
-            per_model[config] = torch.compile(_forward, backend="snlp", options=dataclasses.asdict(config), **_ISOLATE)
+            options = dataclasses.asdict(config)
+            per_model[config] = torch.compile(_forward, backend=snlp_backend, options=options, **_ISOLATE)
         logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, config or "inductor (sequential)")
     compiled = per_model[config]
     return lambda idx, kv_cache: compiled(model, idx, kv_cache)
@@ -71,7 +73,8 @@ class GenerationStats:
 
     model_calls counts every forward (prefill, decode steps, drafts and verifications); drafted
     and accepted count speculative draft tokens (per sequence; a batch accepts the shortest row's
-    agreeing prefix). seconds is wall time from the first token request to the end (synchronised).
+    agreeing prefix). seconds is wall time from the first token request to the end (synchronised),
+    including any compilation the run triggers.
     """
 
     mode: str

@@ -6,7 +6,8 @@ Invariants of the rewritten graph:
   nodes are replaced by one `call_module` to a `StackProgram`, placed where the last layer's
   output was, whose value has the same meta as that output.
 - Each fusion group becomes one layer GraphModule `(state, *inputs) -> state`, evaluated for all
-  its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis.
+  its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis; its
+  attention calls go through `snlp::attention`, which vmap folds into one batched call.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import operator
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
+from ..kernels.attention import sdpa
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, map_args, mutated_arg
@@ -45,7 +48,10 @@ def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        env[node] = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+        target = node.target
+        if target is F.scaled_dot_product_attention and not kwargs.get("dropout_p") and not kwargs.get("enable_gqa"):
+            target = sdpa  # one batched attention call under vmap
+        env[node] = graph.create_node(node.op, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
     return GraphModule(root, graph)
@@ -216,6 +222,8 @@ def rewrite_stack(
     weights = StackedWeights()
     for node in placeholders:
         env[node] = graph.node_copy(node, env.__getitem__)
+        if hasattr(node, "_dynamo_source"):  # aot_autograd reads static inputs (CUDA graphs) from it
+            env[node]._dynamo_source = node._dynamo_source
     for g, slots in enumerate(plans):
         for k, (kind, value) in enumerate(slots):
             if kind == "placeholder":
