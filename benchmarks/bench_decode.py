@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=None, help="prompt tokens in the cache (default 512; smoke 32)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 200; smoke 3)")
-    parser.add_argument("--check-steps", type=int, default=None, help="teacher-forced quality steps (default 8)")
+    parser.add_argument("--check-steps", type=int, default=None, help="teacher-forced quality steps (default 32)")
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> Bench:
     args = parse_args(argv)
     context = args.context or (32 if args.smoke else 512)
     steps = args.steps or (3 if args.smoke else 200)
-    n_check = args.check_steps or (2 if args.smoke else 8)
+    n_check = args.check_steps or (2 if args.smoke else 32)
     warmup = args.warmup or (1 if args.smoke else 10)
     cache_len = context + max(warmup + steps, n_check)
     bench = Bench(

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.common import ordered  # noqa: E402
+
 _ERR_FLOOR = 1e-7  # relative errors below this (eager against itself) are drawn at it on the log axis
 
 
@@ -30,7 +32,7 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path, title: str, value: 
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.5 + 0.32 * max(len(rows) / len(groups), 4) * len(groups)))
     axes = [axes] if len(groups) == 1 else list(axes)
     for ax, (preset, batch) in zip(axes, groups, strict=True):
-        group = [r for r in rows if (r["preset"], r["batch"]) == (preset, batch) and r.get("ms") is not None]
+        group = [r for r in ordered(rows) if (r["preset"], r["batch"]) == (preset, batch) and r.get("ms") is not None]
         names = [r["variant"] for r in group]
         colors = ["tab:gray" if r["kind"] == "baseline" else "tab:blue" for r in group]
         hatches = ["//" if r["cudagraphs"] else "" for r in group]
@@ -45,7 +47,8 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path, title: str, value: 
             ax.axvline(floor, color="black", ls=":", lw=1, label=f"HBM floor {floor:.3f} ms")
         ax.invert_yaxis()
         ax.set_title(f"{preset}, batch {batch}", fontsize=9)
-        ax.set_xlabel(value)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{value} (log scale)")
         ax.tick_params(labelsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")

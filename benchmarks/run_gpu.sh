@@ -2,10 +2,10 @@
 # Every GPU benchmark of the SNLP issue (decode and forward, d20 and paper-0.5b, bf16, batch 1) in
 # about 8 minutes on one H100/H200:   bash benchmarks/run_gpu.sh OUT_DIR
 # Writes OUT_DIR/{decode,forward}.{json,png}, frontier.png, results.md and log.txt. Each script
-# starts no new variant once its per-preset budget is spent and is killed at a hard limit; the JSONs
-# are rewritten after every row, so a cut run keeps what it measured. Knobs (environment):
-# GRID (headline | minimal | full), BATCH ("1" or e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET
-# (seconds per preset), PYTHON.
+# starts no new variant once its per-preset budget is spent and is killed at a hard limit that also
+# keeps the whole run within TOTAL seconds; the JSONs are rewritten after every row, so a cut run
+# keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
+# e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET (seconds per preset), TOTAL (seconds), PYTHON.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -15,23 +15,26 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 GRID=${GRID:-headline}
 BATCH=${BATCH:-1}
-DECODE_BUDGET=${DECODE_BUDGET:-100}
-FORWARD_BUDGET=${FORWARD_BUDGET:-100}
+DECODE_BUDGET=${DECODE_BUDGET:-120}
+FORWARD_BUDGET=${FORWARD_BUDGET:-75}
+TOTAL=${TOTAL:-510}
 
-run() {  # run BUDGET SCRIPT ARGS...: hard limit = 2 presets x budget + 120 s for the last compile
-    local budget=$1 script=$2
+run() {  # run BUDGET SCRIPT ARGS...: killed after 2 presets x BUDGET + 120 s, or when TOTAL is near
+    local budget=$1 script=$2 limit rc
     shift 2
-    echo "== $(date +%T) $PY $script $*"
-    timeout -k 10 $((2 * budget + 120)) "$PY" "$script" "$@" --grid "$GRID" --batch $BATCH --budget-s "$budget" --out "$OUT"
-    echo "== $(date +%T) exit $?"
+    limit=$((2 * budget + 120))
+    ((limit > TOTAL - SECONDS - 15)) && limit=$((TOTAL - SECONDS - 15))
+    echo "== $(date +%T) $PY $script $* (hard limit ${limit} s)"
+    timeout -k 10 "$limit" "$PY" "$script" "$@" --grid "$GRID" --batch $BATCH --budget-s "$budget" --out "$OUT"
+    rc=$?
+    echo "== $(date +%T) exit $rc"
 }
 
 {
-    echo "== $(date +%T) bash benchmarks/run_gpu.sh $*  (GRID=$GRID BATCH=$BATCH)"
+    echo "== $(date +%T) bash benchmarks/run_gpu.sh $*  (GRID=$GRID BATCH=$BATCH TOTAL=$TOTAL)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
     run "$DECODE_BUDGET" benchmarks/bench_decode.py --preset d20 paper-0.5b --context 512
     run "$FORWARD_BUDGET" benchmarks/bench_forward.py --preset paper-0.5b d20 --seq-len 2048
     "$PY" benchmarks/frontier.py --inputs "$OUT/forward.json" "$OUT/decode.json" --out "$OUT"
-    echo "== $(date +%T) done"
+    echo "== $(date +%T) done after ${SECONDS} s"
 } 2>&1 | tee "$OUT/log.txt"

@@ -16,7 +16,9 @@ Invariants: the input GraphModule is not modified (the rewrite works on a copy t
 its parameters); the result is a plain GraphModule for the pipeline's own compiler, so
 `config.inner` and `config.cudagraphs` do not apply. Per-layer weights are `get_attr` nodes and
 are stacked inside the graph on each call, which keeps them current and lets gradients reach
-them (the dynamo backend caches its stacks instead).
+them (the dynamo backend caches its stacks instead). The surrogate pass reads the layers' skip
+paths as Python-level ops; where it cannot read them off an aten graph it logs so and uses IDN,
+which is exact at the same K and only converges more slowly.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def snlp_transform(
                 "the graph carries no nn_module_stack metadata (make_fx and AOT graphs drop it); trace the model "
                 "with torch.export.export(model, args).module() or torch.fx.symbolic_trace"
             )
-        match, recipes = analyse(work, config)
+        match, recipes, config = analyse(work, config)
         new_gm, _ = rewrite_stack(work, match, recipes, config, list(example_inputs), training=True)
     except NotAStack as why:
         if config.fallback == "error":
@@ -83,5 +85,7 @@ def snlp_transform(
         return gm
     new_gm.graph._codegen = work.graph._codegen
     new_gm.recompile()
-    logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), "/".join({r.kind for r in recipes}), config)
+    logger.info(
+        "snlp: rewrote %s; surrogate %s; %s", match.describe(), "/".join(sorted({r.kind for r in recipes})), config
+    )
     return new_gm

@@ -6,8 +6,9 @@ Invariants of the rewritten graph:
   nodes are replaced by one `call_module` to a `StackProgram`, placed where the last layer's
   output was, whose value has the same meta as that output.
 - Each fusion group becomes one layer GraphModule `(state, *inputs) -> state`, evaluated for all
-  its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis; its
-  attention calls go through `snlp::attention`, which vmap folds into one batched call.
+  its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis; where
+  vmap cannot batch an attention call itself, it goes through `snlp::attention`, which vmap
+  folds into one batched call.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
@@ -21,6 +22,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.source import LocalSource
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
@@ -29,6 +31,23 @@ from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, map_args, mutated_arg
 from .surrogate import SurrogateRecipe, evaluate_recipe
+
+
+def _needs_batched_attention(node: Node) -> bool:
+    """Route an SDPA call through snlp::attention where vmap's own batching falls short: on CPU
+    (no batching rule: a loop over layers) and on CUDA with a mask and batch > 1 (the efficient
+    kernel rejects the vmapped mask). Elsewhere vmap's rule is kept: it lets inductor see SDPA."""
+    if (
+        node.target is not F.scaled_dot_product_attention
+        or node.kwargs.get("dropout_p")
+        or node.kwargs.get("enable_gqa")
+    ):
+        return False
+    query = node.args[0].meta.get("example_value") if isinstance(node.args[0], Node) else None
+    if not isinstance(query, Tensor) or query.device.type != "cuda":
+        return True
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    return mask is not None and query.dim() > 3 and query.shape[0] != 1
 
 
 def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
@@ -48,9 +67,7 @@ def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        target = node.target
-        if target is F.scaled_dot_product_attention and not kwargs.get("dropout_p") and not kwargs.get("enable_gqa"):
-            target = sdpa  # one batched attention call under vmap
+        target = sdpa if _needs_batched_attention(node) else node.target
         env[node] = graph.create_node(node.op, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
@@ -260,4 +277,12 @@ def rewrite_stack(
         env[last] = out
     new_gm = GraphModule(gm, graph)
     new_gm.graph.lint()
+    # aot_autograd treats a graph as dynamo's (static parameters and marked inputs: CUDA graphs
+    # without copies) by its meta and the sources of its parameters.
+    new_gm.meta.update(gm.meta)
+    sources = dict(getattr(gm, "_param_name_to_source", None) or {})
+    for name, _ in new_gm.named_buffers():
+        if name.startswith("snlp_stacked_"):
+            sources[name] = LocalSource(name)
+    new_gm._param_name_to_source = sources
     return new_gm, weights
