@@ -3,10 +3,12 @@
 import torch._dynamo
 
 from .backends.dynamo import SNLPFallbackError, snlp_backend
+from .backends.fx_transform import snlp_transform
 from .config import SNLPConfig
 from .generate import Generation, generate, stream
 from .prepare import prepare
 from .report import StackReport, find_layer_stack
+from .training import SNLPRegularizer
 
 # Installed packages register "snlp" through the torch_dynamo_backends entry point; a source
 # checkout on PYTHONPATH registers it on import.
@@ -16,11 +18,13 @@ if "snlp" not in torch._dynamo.list_backends(exclude_tags=()):
 __all__ = [
     "Generation",
     "SNLPConfig",
+    "SNLPRegularizer",
     "SNLPFallbackError",
     "StackReport",
     "find_layer_stack",
     "generate",
     "prepare",
     "snlp_backend",
+    "snlp_transform",
     "stream",
 ]

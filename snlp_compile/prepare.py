@@ -16,7 +16,8 @@ from torch import nn
 logger = logging.getLogger("snlp_compile")
 
 
-def _signature(module: nn.Module) -> tuple:
+def layer_signature(module: nn.Module) -> tuple:
+    """Parameter names, shapes, dtypes and devices: equal for layers whose weights can be stacked."""
     return tuple((name, tuple(p.shape), p.dtype, p.device) for name, p in module.named_parameters())
 
 
@@ -33,7 +34,7 @@ def prepare(model: nn.Module) -> nn.Module:
             continue
         groups: dict[tuple, list[nn.Module]] = {}
         for layer in container:
-            groups.setdefault(_signature(layer), []).append(layer)
+            groups.setdefault(layer_signature(layer), []).append(layer)
         for signature, layers in groups.items():
             if len(layers) < 2 or not signature:
                 continue

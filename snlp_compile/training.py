@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .config import SNLPConfig
 from .models.gpt import DecoderLM
 from .models.mhc import HyperConnection, sinkhorn
-from .prepare import _signature
+from .prepare import layer_signature
 from .solver import IDENTITY, CallableStack, Surrogate, solve_trace
 
 logger = logging.getLogger("snlp_compile")
@@ -52,7 +52,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             continue
-        count = max(Counter((type(c), _signature(c)) for c in module).values())
+        count = max(Counter((type(c), layer_signature(c)) for c in module).values())
         if count > best_count:
             best, best_count = (name, module), count
     if best is None:

@@ -62,7 +62,8 @@ class LayerStackMatch:
     def describe(self) -> str:
         first, last = self.layers[0].module_index, self.layers[-1].module_index
         sizes = "+".join(str(len(g)) for g in self.groups)
-        return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {len(self.groups)} fusion group(s) ({sizes})"
+        groups = f"{len(self.groups)} fusion group(s) ({sizes})"
+        return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {groups}"
 
 
 def _normalise(path: str) -> str:
@@ -122,8 +123,13 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def example_value(node: Node) -> Any:
+    """The traced value of a node: dynamo's "example_value" or export's "val"."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def _meta(node: Node) -> tuple:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = example_value(node)
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(_freeze(list(value.shape))), value.dtype, value.device.type)
     return ("value", type(value).__name__)
@@ -222,7 +228,7 @@ def _match_glue(pattern: Node, candidate: Node, glue: set[Node], state: Node, fo
     if [p for p, _ in p_args] != [p for p, _ in c_args]:
         return False
     found.setdefault("glue", set()).add(candidate)
-    for (path, p), (_, c) in zip(p_args, c_args):
+    for (path, p), (_, c) in zip(p_args, c_args, strict=True):
         if isinstance(p, Node) != isinstance(c, Node):
             return False
         if isinstance(p, Node):
@@ -257,7 +263,7 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
     regions = [set(keyed[(container, i)]) for i in indices]
 
     outs = []
-    for i, region in zip(indices, regions):
+    for i, region in zip(indices, regions, strict=True):
         leaving = [n for n in region if any(u not in region for u in n.users)]
         if len(leaving) != 1:
             names = ", ".join(n.name for n in leaving) or "nothing"
@@ -360,7 +366,7 @@ def _first_layer(index: int, regions: list, outs: list, layers: list, position: 
 def _check_chain(container: str, layers: list[Layer]) -> None:
     inside = set().union(*(set(layer.nodes) for layer in layers))
     downstream = _forward_closure({layer.state_out for layer in layers[:-1]}) | inside
-    for pos, layer in enumerate(layers):
+    for layer in layers:
         shape_in, shape_out = _meta(layer.state_in), _meta(layer.state_out)
         if shape_in != shape_out:
             raise NotAStack(

@@ -19,6 +19,7 @@ Invariants of the rewritten graph:
 from __future__ import annotations
 
 import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from ..config import SNLPConfig
 from ..kernels.attention import sdpa
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
-from .detect import Layer, LayerStackMatch, NotAStack, map_args, mutated_arg
+from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
 from .surrogate import SurrogateRecipe, evaluate_recipe
 
 
@@ -43,7 +44,7 @@ def _needs_batched_attention(node: Node) -> bool:
         or node.kwargs.get("enable_gqa")
     ):
         return False
-    query = node.args[0].meta.get("example_value") if isinstance(node.args[0], Node) else None
+    query = example_value(node.args[0]) if isinstance(node.args[0], Node) else None
     if not isinstance(query, Tensor) or query.device.type != "cuda":
         return True
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
@@ -132,25 +133,26 @@ class StackProgram(nn.Module):
     def surrogate(self, per_group: tuple) -> Surrogate:
         """Per-layer J in stack order, evaluated once per call from the group inputs."""
         values = [
-            evaluate_recipe(r, list(inputs), len(m)) for r, inputs, m in zip(self.recipes, per_group, self.groups)
+            evaluate_recipe(r, list(inputs), len(m))
+            for r, inputs, m in zip(self.recipes, per_group, self.groups, strict=True)
         ]
         kinds = {r.kind for r in self.recipes}
         if kinds == {"identity"}:
             return IDENTITY
         kind = "mix" if "mix" in kinds else "scale"
         if kind == "mix":
-            size = next(v.shape[-1] for v, r in zip(values, self.recipes) if r.kind == "mix")
+            size = next(v.shape[-1] for v, r in zip(values, self.recipes, strict=True) if r.kind == "mix")
             ref = next(v for v in values if v is not None)
             eye = torch.eye(size, dtype=ref.dtype, device=ref.device)
             values = [
                 eye.expand(len(m), size, size) if v is None else (v[:, None, None] * eye if v.dim() == 1 else v)
-                for v, m in zip(values, self.groups)
+                for v, m in zip(values, self.groups, strict=True)
             ]
         else:
             ref = next(v for v in values if v is not None)
             values = [
                 torch.ones(len(m), dtype=ref.dtype, device=ref.device) if v is None else v
-                for v, m in zip(values, self.groups)
+                for v, m in zip(values, self.groups, strict=True)
             ]
         order = [p for m in self.groups for p in m]
         stacked = torch.cat(values)

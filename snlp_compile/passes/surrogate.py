@@ -17,16 +17,17 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .detect import Layer, flat_args
+from .detect import Layer, example_value, flat_args
 
 logger = logging.getLogger("snlp_compile")
 
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV = {operator.truediv, torch.div, "div"}
-_MATMUL = {operator.matmul, torch.matmul, "matmul"}
-_PASS = {"contiguous", "clone", "float", "to", "type_as", torch.clone}
+_aten = torch.ops.aten
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", _aten.add.Tensor}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", _aten.sub.Tensor}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", _aten.mul.Tensor, _aten.mul.Scalar}
+_DIV = {operator.truediv, torch.div, "div", _aten.div.Tensor, _aten.div.Scalar}
+_MATMUL = {operator.matmul, torch.matmul, "matmul", _aten.matmul.default}
+_PASS = {"contiguous", "clone", "float", "to", "type_as", torch.clone, _aten.clone.default, _aten._to_copy.default}
 
 BRANCH = "branch"  # depends on the state through a residual branch: ignored by the surrogate
 UNSUPPORTED = "unsupported"  # a skip path the surrogate cannot express (e.g. two skip paths summed)
@@ -105,7 +106,7 @@ def _scaled(form: tuple, other: list, layer: Layer, divide: bool) -> object:
         if not isinstance(ref[1], (int, float)):
             return BRANCH
         return (*form, ("scale", ("const", 1.0 / ref[1] if divide else float(ref[1]))))
-    value = layer.inputs[ref[1]].meta.get("example_value")
+    value = example_value(layer.inputs[ref[1]])
     if divide or not isinstance(value, torch.Tensor) or value.numel() != 1:
         return BRANCH
     return (*form, ("scale", ref))
@@ -114,8 +115,8 @@ def _scaled(form: tuple, other: list, layer: Layer, divide: bool) -> object:
 def _mixed(form: tuple, matrix: object, layer: Layer, node: Node) -> object:
     if not isinstance(matrix, tuple) or matrix[0] != "input":
         return BRANCH
-    value = layer.inputs[matrix[1]].meta.get("example_value")
-    state = node.meta.get("example_value")
+    value = example_value(layer.inputs[matrix[1]])
+    state = example_value(node)
     if (
         isinstance(value, torch.Tensor)
         and value.dim() == 2
