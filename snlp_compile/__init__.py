@@ -4,6 +4,7 @@ import torch._dynamo
 
 from .backends.dynamo import SNLPFallbackError, snlp_backend
 from .backends.fx_transform import snlp_transform
+from .backends.onnx_export import export_onnx
 from .config import SNLPConfig
 from .generate import Generation, generate, stream
 from .prepare import prepare
@@ -21,6 +22,7 @@ __all__ = [
     "SNLPRegularizer",
     "SNLPFallbackError",
     "StackReport",
+    "export_onnx",
     "find_layer_stack",
     "generate",
     "prepare",
