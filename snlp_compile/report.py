@@ -12,6 +12,7 @@ from torch import nn
 from .backends.dynamo import analyse
 from .config import SNLPConfig
 from .passes.detect import NotAStack
+from .passes.rewrite import same_value
 
 
 @dataclass
@@ -57,7 +58,12 @@ def find_layer_stack(
         except NotAStack as why:
             reports.append(StackReport(found=False, reason=str(why)))
             return gm.forward
-        shared = {n.name for layer in match.layers for n in layer.inputs if all(n in o.inputs for o in match.layers)}
+        first = match.layers[0]
+        shared = {
+            node.name
+            for k, node in enumerate(first.inputs)
+            if all(k < len(o.inputs) and same_value(o.inputs[k], node) for o in match.layers)
+        }
         reports.append(
             StackReport(
                 found=True,

@@ -46,11 +46,13 @@ class StackedWeights:
         self.buffers: list[Tensor] = []
         self._keys: list[tuple] = []
         self._alive: list[list[Tensor]] = []  # keeps the ids in the keys unique
+        self._is_view: list[bool] = []
 
     def add(self, sources: list[int], args: Sequence[Tensor]) -> Tensor:
         """Register a stack of args[i] for i in sources; returns its buffer."""
         tensors = [args[i] for i in sources]
         buffer = stacked_view(tensors)
+        self._is_view.append(buffer is not None)
         if buffer is None:
             with torch.no_grad():
                 buffer = torch.stack([t.detach() for t in tensors])
@@ -74,13 +76,14 @@ class StackedWeights:
             key = _key(tensors)
             if key == self._keys[i]:
                 continue
-            view = stacked_view(tensors)
-            if view is None or view.data_ptr() != self.buffers[i].data_ptr():
-                if self.buffers[i]._base is not None or stacked_view(self._alive[i]) is not None:
+            if self._is_view[i]:
+                view = stacked_view(tensors)
+                if view is None or view.data_ptr() != self.buffers[i].data_ptr():
                     raise RuntimeError(
                         "snlp: weights stacked in place by snlp_compile.prepare were replaced; call "
                         "torch._dynamo.reset() and compile again"
                     )
+            else:
                 with torch.no_grad():
                     torch.stack([t.detach() for t in tensors], out=self.buffers[i])
             self._keys[i], self._alive[i] = key, tensors

@@ -81,7 +81,13 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
             raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
         logger.warning("snlp: running this graph unmodified: %s", why)
         return inner_compile(gm, example_inputs, config)
-    compiled = inner_compile(new_gm, example_inputs, config)
+    try:
+        compiled = inner_compile(new_gm, example_inputs, config)
+    except Exception as error:  # the inner compiler failed on the rewrite: never crash, say why
+        if config.fallback == "error":
+            raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {error}") from error
+        logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", error)
+        return inner_compile(gm, example_inputs, config)
     kinds = "/".join(sorted({r.kind for r in recipes}))
     logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
 

@@ -165,7 +165,7 @@ class StackProgram(nn.Module):
         return solve(GraphStack(self, per_layer, per_group), state, self.config)
 
 
-def _same_value(a: object, b: object) -> bool:
+def same_value(a: object, b: object) -> bool:
     """a and b compute the same value: the same node, or the same pure op on the same values."""
     if a is b:
         return True
@@ -176,7 +176,7 @@ def _same_value(a: object, b: object) -> bool:
     if mutated_arg(a) is not None or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
         return False
     pairs = [*zip(a.args, b.args, strict=True), *((a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
-    return all(_same_value(x, y) for x, y in pairs)
+    return all(same_value(x, y) for x, y in pairs)
 
 
 def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
@@ -216,7 +216,7 @@ def rewrite_stack(
         slots, flags = [], []
         for k, node in enumerate(rep.inputs):
             nodes = [layers[p].inputs[k] for p in members]
-            if all(_same_value(n, node) for n in nodes):
+            if all(same_value(n, node) for n in nodes):
                 slots.append(("shared", node))
                 flags.append(False)
                 continue
