@@ -64,3 +64,14 @@ def test_frontier(smoke_dir: Path) -> None:
     assert (smoke_dir / "frontier.png").stat().st_size > 0
     text = (smoke_dir / "results.md").read_text()
     assert "### forward" in text and "### decode" in text and "snlp p4 F1 K1" in text
+
+
+def test_speculative_benchmark_smoke(tmp_path):
+    from benchmarks import bench_speculative
+
+    doc = bench_speculative.main(["--smoke", "--out", str(tmp_path), "--draft-len", "2"])
+    modes = [r["mode"] for r in doc["rows"]]
+    assert modes == ["sequential", "snlp", "speculative"]
+    speculative = doc["rows"][-1]
+    assert speculative["exact"] and 0.0 <= speculative["acceptance"] <= 1.0
+    assert (tmp_path / "speculative.json").exists()

@@ -1,0 +1,120 @@
+"""Decode tokens/s of whole generations: sequential, SNLP and self-speculative (greedy).
+
+Each preset decodes --new-tokens after a random --context-token prompt with
+`snlp_compile.generate`: "sequential" (the exact model, inductor-compiled), "snlp" (every step
+through the SNLP-compiled model) and "speculative" (SNLP drafts, one sequential forward verifies;
+greedy output identical to sequential, checked). Weights are random unless --checkpoint is given
+(a state_dict of the preset's GPT): acceptance rates on random weights are a lower bound. Timing
+excludes compilation (one untimed warm-up generation per mode). Writes OUT/speculative.json.
+
+    PYTHONPATH=. python3 benchmarks/bench_speculative.py --preset d20 --context 512 --out out
+    PYTHONPATH=. python3 benchmarks/bench_speculative.py --smoke --out /tmp/smoke   # tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import DTYPES, build_model, environment, format_table, setup_logging, write_json
+from snlp_compile import SNLPConfig, generate
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=None, help="default: d20 paper-0.5b (smoke: tiny)")
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens (default 512; smoke 8)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 128; smoke 8)")
+    parser.add_argument("--draft-len", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--n-par", type=int, default=None, help="parallel layers of the SNLP drafter (default all)")
+    parser.add_argument("--iters", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="trained state_dict instead of random weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, eager inner compiler")
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    return parser.parse_args(argv)
+
+
+def _timed(run, device: torch.device):
+    """(result, seconds) of one generation after an untimed warm-up (compilation)."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
+    presets = args.preset or (["tiny"] if args.smoke else ["d20", "paper-0.5b"])
+    context, new = args.context or (8 if args.smoke else 512), args.new_tokens or (8 if args.smoke else 128)
+    inner = "eager" if args.smoke else "inductor"
+    doc = {"question": "speculative", "env": environment(device), "rows": [], "settings": vars(args) | {"inner": inner}}
+    for preset in presets:
+        model = build_model(preset, device, dtype, args.seed)
+        if args.checkpoint is not None:
+            model.load_state_dict(torch.load(args.checkpoint, map_location=device))
+        n_layer = model.config.n_layer
+        n_par = args.n_par or n_layer
+        config = SNLPConfig(n_seq=n_layer - n_par, iters=args.iters, inner=inner, cudagraphs=device.type == "cuda")
+        prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+        compiled = not args.smoke
+
+        def run(mode: str, draft_len: int = 4, prompt=prompt, model=model, config=config, compiled=compiled):
+            return generate(model, prompt, new, config, mode=mode, draft_len=draft_len, compile_sequential=compiled)
+
+        reference, seconds = _timed(lambda run=run: run("sequential"), device)
+        rows = [dict(preset=preset, mode="sequential", draft_len=None, seconds=seconds, exact=True, acceptance=None)]
+        out, seconds = _timed(lambda run=run: run("snlp"), device)
+        agree = (out.tokens == reference.tokens).float().mean().item()
+        rows.append(
+            dict(preset=preset, mode="snlp", draft_len=None, seconds=seconds, exact=agree == 1.0, acceptance=None)
+        )
+        for draft_len in args.draft_len:
+            out, seconds = _timed(lambda run=run, k=draft_len: run("speculative", k), device)
+            rows.append(
+                dict(
+                    preset=preset,
+                    mode="speculative",
+                    draft_len=draft_len,
+                    seconds=seconds,
+                    exact=bool(torch.equal(out.tokens, reference.tokens)),
+                    acceptance=out.stats.acceptance_rate,
+                )
+            )
+        for row in rows:
+            row.update(tokens_per_s=new / row["seconds"], speedup=rows[0]["seconds"] / row["seconds"], n_par=n_par)
+            row["weights"] = str(args.checkpoint) if args.checkpoint else "random"
+        doc["rows"].extend(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "speculative.json", doc)
+    headers = ["preset", "mode", "draft", "tok/s", "x sequential", "acceptance", "same tokens as sequential"]
+    cells = [
+        [
+            r["preset"],
+            r["mode"],
+            str(r["draft_len"] or "-"),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}",
+            "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+            str(r["exact"]),
+        ]
+        for r in doc["rows"]
+    ]
+    print(format_table(headers, cells))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
