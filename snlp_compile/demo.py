@@ -1,6 +1,7 @@
 """`make demo`: compile the built-in model with the snlp backend and compare it with sequential.
 
-Prints what the compiler found, then one row per SNLP setting: relative error of the logits,
+Prints what the compiler found, then one row per SNLP setting: relative error of the logits
+("logits err"),
 top-1 agreement with the sequential model and time per call. Random weights, CPU by default:
 the agreement columns are the point here; speed only counts on a GPU (see benchmarks/).
 """
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ms=_time(compiled, idx),
             )
         )
-    print(f"\n{'setting':<24}{'rel. error':>12}{'top-1 agree':>13}{'ms/call':>10}")
+    print(f"\n{'setting':<24}{'logits err':>12}{'top-1 agree':>13}{'ms/call':>10}")
     for row in rows:
         print(f"{row['setting']:<24}{row['rel_err']:>12.2e}{row['top1']:>13.1%}{row['ms']:>10.1f}")
     print(f"\niters={config.n_layer} (one block) reproduces sequential; fewer iterations trade accuracy for depth.")
