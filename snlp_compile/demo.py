@@ -1,8 +1,7 @@
 """`make demo`: compile the built-in model with the snlp backend and compare it with sequential.
 
 Prints what the compiler found, then one row per SNLP setting: relative error of the logits
-("logits err"),
-top-1 agreement with the sequential model and time per call. Random weights, CPU by default:
+("logits err"), top-1 agreement with the sequential model and time per call. Random weights, CPU by default:
 the agreement columns are the point here; speed only counts on a GPU (see benchmarks/).
 """
 
