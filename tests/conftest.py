@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# A fresh inductor cache per test session: a cache left by an older checkout (custom-op fake
+# kernels that have since changed) must never decide a test.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="snlp-inductor-"))
 
 
 @pytest.fixture(autouse=True)
