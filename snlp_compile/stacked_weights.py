@@ -9,13 +9,10 @@ changed in place (version counters). The user's tensors are never written.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-logger = logging.getLogger("snlp_compile")
 
 
 def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
@@ -47,6 +44,7 @@ class StackedWeights:
         self._keys: list[tuple] = []
         self._alive: list[list[Tensor]] = []  # keeps the ids in the keys unique
         self._is_view: list[bool] = []
+        self.copied_bytes = 0  # memory the stacked copies cost (0 after snlp_compile.prepare)
 
     def add(self, sources: list[int], args: Sequence[Tensor]) -> Tensor:
         """Register a stack of args[i] for i in sources; returns its buffer."""
@@ -56,13 +54,7 @@ class StackedWeights:
         if buffer is None:
             with torch.no_grad():
                 buffer = torch.stack([t.detach() for t in tensors])
-            logger.info(
-                "snlp: copied %s weights of %d layers into a stacked cache (%.2f MiB; snlp_compile.prepare(model) "
-                "stacks them in place with no copy)",
-                tuple(tensors[0].shape),
-                len(tensors),
-                buffer.numel() * buffer.element_size() / 2**20,
-            )
+            self.copied_bytes += buffer.numel() * buffer.element_size()
         self.sources.append(list(sources))
         self.buffers.append(buffer)
         self._keys.append(_key(tensors))

@@ -88,6 +88,12 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
             raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {error}") from error
         logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", error)
         return inner_compile(gm, example_inputs, config)
+    if weights.copied_bytes:
+        logger.info(
+            "snlp: the stacked layer weights are a cached copy of %.2f MiB (snlp_compile.prepare(model) stacks "
+            "them in place with no copy)",
+            weights.copied_bytes / 2**20,
+        )
     kinds = "/".join(sorted({r.kind for r in recipes}))
     logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
 
