@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.common import Bench, add_common_args, build_model, compare, logger, setup_logging
-from benchmarks.plot import plot_latency
+from benchmarks.common import Bench, add_common_args, compare, setup_logging
 from snlp_compile.models import StaticKVCache
 
 
@@ -77,20 +76,13 @@ def main(argv: Sequence[str] | None = None) -> Bench:
     bench = Bench(
         "decode", args, default_cg=True, context=context, steps=steps, check_steps=n_check, cache_len=cache_len
     )
-    for preset in bench.presets:
-        bench.begin_preset(preset)
-        model = build_model(preset, bench.device, bench.dtype, args.seed)
-        for batch in args.batch:
-            problem = DecodeProblem(model, bench, batch, context, cache_len, n_check)
-            for variant in bench.variants(preset, model.config.n_layer):
-                bench.run(
-                    model, variant, problem.check, problem.step, warmup, steps, preset=preset, batch=batch, tokens=batch
-                )
-            del problem
-        del model
-        plot_latency(bench.rows, bench.path.with_suffix(".png"), f"decode step, context {context}")
-    bench.report(extra=[("tok/s", "tokens_per_s", ".0f")])
-    logger.info("decode benchmark done in %.0f s; wrote %s", bench.elapsed(), bench.path)
+    bench.sweep(
+        lambda model, batch: DecodeProblem(model, bench, batch, context, cache_len, n_check),
+        warmup,
+        steps,
+        per_call_tokens=lambda batch: batch,
+        title=f"decode step, context {context}",
+    )
     return bench
 
 

@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.common import Bench, add_common_args, build_model, compare, logger, setup_logging
-from benchmarks.plot import plot_latency
+from benchmarks.common import Bench, add_common_args, compare, setup_logging
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,21 +47,13 @@ def main(argv: Sequence[str] | None = None) -> Bench:
     warmup = args.warmup or (1 if args.smoke else 5)
     reps = args.reps or (3 if args.smoke else 30)
     bench = Bench("forward", args, default_cg=False, seq_len=seq_len)
-    for preset in bench.presets:
-        bench.begin_preset(preset)
-        model = build_model(preset, bench.device, bench.dtype, args.seed)
-        for batch in args.batch:
-            problem = ForwardProblem(model, bench, batch, seq_len)
-            for variant in bench.variants(preset, model.config.n_layer):
-                tokens = batch * seq_len
-                bench.run(
-                    model, variant, problem.check, problem.step, warmup, reps, preset=preset, batch=batch, tokens=tokens
-                )
-            del problem
-        del model
-        plot_latency(bench.rows, bench.path.with_suffix(".png"), f"full-sequence forward, T={seq_len}")
-    bench.report(extra=[("tok/s", "tokens_per_s", ".0f")])
-    logger.info("forward benchmark done in %.0f s; wrote %s", bench.elapsed(), bench.path)
+    bench.sweep(
+        lambda model, batch: ForwardProblem(model, bench, batch, seq_len),
+        warmup,
+        reps,
+        per_call_tokens=lambda batch: batch * seq_len,
+        title=f"full-sequence forward, T={seq_len}",
+    )
     return bench
 
 

@@ -406,6 +406,41 @@ class Bench:
         self.write()
         return row
 
+    def sweep(
+        self,
+        make_problem: Callable[[nn.Module, int], Any],
+        warmup: int,
+        reps: int,
+        per_call_tokens: Callable[[int], int],
+        title: str,
+    ) -> None:
+        """Every preset x batch x variant: build the model once per preset and the problem (an object with
+        `check(fn)` and `step(fn)`) once per batch; plot after each preset, then report."""
+        from benchmarks.plot import plot_latency  # plot imports this module
+
+        for preset in self.presets:
+            self.begin_preset(preset)
+            model = build_model(preset, self.device, self.dtype, self.args.seed)
+            for batch in self.args.batch:
+                problem = make_problem(model, batch)
+                for variant in self.variants(preset, model.config.n_layer):
+                    self.run(
+                        model,
+                        variant,
+                        problem.check,
+                        problem.step,
+                        warmup,
+                        reps,
+                        preset=preset,
+                        batch=batch,
+                        tokens=per_call_tokens(batch),
+                    )
+                del problem
+            del model
+            plot_latency(self.rows, self.path.with_suffix(".png"), title)
+        self.report(extra=[("tok/s", "tokens_per_s", ".0f")])
+        logger.info("%s benchmark done in %.0f s; wrote %s", self.question, self.elapsed(), self.path)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
