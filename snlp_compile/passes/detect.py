@@ -180,10 +180,9 @@ def _backward_closure(starts: set[Node], within: set[Node]) -> set[Node]:
     return seen
 
 
-def _canonical(nodes: list[Node], state_uses: set[Use], constants: bool = True) -> tuple[tuple, list[Node]]:
+def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Node]]:
     """Structure of `nodes` (graph order) with state uses, internal refs and external slots
-    abstracted (and constants too, unless `constants`); returns (key, external inputs in
-    first-use order)."""
+    abstracted; returns (key, external inputs in first-use order)."""
     index = {n: i for i, n in enumerate(nodes)}
     slots: dict[Node, int] = {}
     items = []
@@ -198,7 +197,7 @@ def _canonical(nodes: list[Node], state_uses: set[Use], constants: bool = True) 
                 else:
                     ref = ("input", slots.setdefault(value, len(slots)))
             else:
-                ref = ("const", _freeze(value) if constants else type(value).__name__)
+                ref = ("const", _freeze(value))
             args.append((path, ref))
         target = n.target if n.op != "call_module" else ("module", str(n.target))
         items.append((n.op, target, tuple(args)))
