@@ -546,7 +546,7 @@ def describe_env(doc: dict[str, Any]) -> str:
 
 def setup_logging() -> None:
     """Log the snlp_compile logger (backend and benchmarks) to stderr, timestamped; silence vmap's
-    per-call "batching rule not implemented" warnings (index_copy_ on the KV cache), which flood logs."""
+    per-call "batching rule not implemented" warnings, which would flood the logs."""
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))

@@ -12,7 +12,7 @@ from torch import nn
 from snlp_compile import SNLPFallbackError
 from snlp_compile.backends.fx_transform import snlp_transform
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
-from snlp_compile.training import SNLPRegularizer, find_block_list
+from snlp_compile.training import SNLPRegularizer, _relative_error, find_block_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import eval_snlp  # noqa: E402
@@ -87,7 +87,7 @@ def test_idn_one_iteration_is_the_prefix_sum():
     exact = h
     for i in (1, 2, 3):
         exact = model.blocks[i](exact, cos, sin, positions)
-    expected = ((approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).mean()
+    expected = ((approx - exact).norm(dim=-1) / exact.norm(dim=-1)).mean()  # per token [B, T]
     torch.testing.assert_close(loss, expected)
 
 
@@ -321,3 +321,14 @@ def test_example_scripts_smoke(tmp_path):
         assert results[exact]["ppl"] == pytest.approx(results["sequential"]["ppl"], rel=1e-4)
         assert results[exact]["top1_agreement"] == 1.0
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
+
+
+def test_relative_error_weighs_every_token_equally():
+    """A token with massive activations must not hide the error of the others (per-token norms)."""
+    target = torch.zeros(1, 2, 4)
+    target[0, 0, 0], target[0, 1, 1] = 1000.0, 1.0
+    approx = target.clone()
+    approx[0, 1, 1] = 0.0  # the small token is entirely wrong, the large one exact
+    assert _relative_error(approx, target).item() == pytest.approx(0.5)
+    streams = torch.randn(2, 3, 4, 8)  # MHC state [B, T, M, d]: one vector per token over streams and width
+    assert _relative_error(2 * streams, streams).item() == pytest.approx(1.0)

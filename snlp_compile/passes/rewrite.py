@@ -8,7 +8,8 @@ Invariants of the rewritten graph:
 - Each fusion group becomes one layer GraphModule `(state, *inputs) -> state`, evaluated for all
   its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis; where
   vmap cannot batch an attention call itself, it goes through `snlp::attention`, which vmap
-  folds into one batched call.
+  folds into one batched call, and `index_copy_` (KV-cache writes) becomes `index_put_`, which
+  vmap batches into one write of the new positions.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
@@ -51,6 +52,29 @@ def _needs_batched_attention(node: Node) -> bool:
     return mask is not None and query.dim() > 3 and query.shape[0] != 1
 
 
+def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:
+    """`target.index_copy_(dim, index, source)` as `aten.index_put_`, which vmap batches into one write of
+    the new positions of every layer (vmap has no rule for index_copy_: it loops over the layers, and
+    functionalisation turns that loop into whole-cache copies)."""
+    dim = dim % target.dim()
+    return torch.ops.aten.index_put_(target, [None] * dim + [index], source)
+
+
+_INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
+
+
+def _batchable_target(node: Node) -> tuple[str, object]:
+    """(op, target) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
+    where needed (`_needs_batched_attention`), index_copy_ as index_put_; otherwise the node's own."""
+    if _needs_batched_attention(node):
+        return "call_function", sdpa
+    if (node.op, node.target) == ("call_method", "index_copy_") or (
+        node.op == "call_function" and node.target in _INDEX_COPY_
+    ):
+        return "call_function", index_copy_
+    return node.op, node.target
+
+
 def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state."""
     graph = Graph()
@@ -68,8 +92,8 @@ def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        target = sdpa if _needs_batched_attention(node) else node.target
-        env[node] = graph.create_node(node.op, target, args, kwargs, name=node.name)
+        op, target = _batchable_target(node)
+        env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
     return GraphModule(root, graph)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The training reproduction of the "Training" issue on one GPU: baseline and SNLP-regularised
+# char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16), trained side by side, then the
+# validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
+#     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
+# Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2"),
+# NPAR (default "4 8"), WARMUP (default 100), EXTRA (more train_char_lm.py flags for the
+# regularised runs), PYTHON. Writes OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,
+# frontier.png}, OUT_DIR/train_summary.txt and the per-run logs.
+set -uo pipefail
+DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
+OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-800}
+WEIGHTS=${WEIGHTS:-0.5 2}
+NPAR=${NPAR:-4 8}
+WARMUP=${WARMUP:-100}
+EXTRA=${EXTRA:-}
+TRAIN=("$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
+    --eval-every 100 --steps "$STEPS")
+
+runs=()
+launch() {  # launch NAME ARGS...: one training in the background, logged to OUT/NAME.log
+    local name=$1
+    shift
+    runs+=("$name")
+    "${TRAIN[@]}" "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1 &
+}
+start=$SECONDS
+launch gpt_base --model gpt
+launch mhc_base --model mhc
+for w in $WEIGHTS; do
+    # shellcheck disable=SC2086  # NPAR and EXTRA are word lists
+    launch "gpt_reg_w$w" --model gpt --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" $EXTRA
+    # shellcheck disable=SC2086
+    launch "mhc_reg_w$w" --model mhc --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" --reg-surrogate hc $EXTRA
+done
+wait
+{
+    echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS WEIGHTS=$WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA)"
+    for r in "${runs[@]}"; do
+        echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -t'(' -k2 | head -1) (best)"
+    done
+} | tee "$OUT/train_summary.txt"
+checkpoints=()
+for r in "${runs[@]}"; do
+    [[ -f "$OUT/$r/model.pt" ]] && checkpoints+=("$OUT/$r/model.pt")
+done
+"$PY" examples/eval_snlp.py "${checkpoints[@]}" --data "$DATA" --device cuda --dtype bfloat16 --out "$OUT/eval" 2>&1 |
+    grep -v Warning
+echo "total $((SECONDS - start)) s"

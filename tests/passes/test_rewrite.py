@@ -1,0 +1,39 @@
+"""rewrite_stack: in-place KV-cache writes of a decode step are batched over the layers."""
+
+import warnings
+
+import pytest
+import torch
+
+from snlp_compile.models import GPT, GPTConfig, StaticKVCache
+from snlp_compile.passes.rewrite import index_copy_
+
+
+@pytest.mark.parametrize("dim", [2, -2])
+def test_index_copy_equals_tensor_index_copy(dim):
+    target = torch.randn(3, 2, 7, 4)
+    source = torch.randn(3, 2, 2, 4)
+    index = torch.tensor([5, 1])
+    expected = target.clone().index_copy_(dim, index, source)
+    out = index_copy_(target, dim, index, source)
+    assert out is target and torch.equal(target, expected)
+
+
+def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop():
+    """iters = n_layer: the cache and logits equal the eager step's, and vmap never falls back to a
+    per-layer loop for the cache write (its warning is an error here)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    prompt, token = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 1))
+    caches = [StaticKVCache(model.config, 2, 12) for _ in range(2)]
+    compiled = torch.compile(model, backend="snlp", options=dict(iters=4, inner="eager", fallback="error"))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="There is a performance drop")
+        for cache in caches:
+            model(prompt, kv_cache=cache)
+        expected = model(token, kv_cache=caches[0])
+        out = compiled(token, kv_cache=caches[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)
+    assert int(caches[1].pos) == int(caches[0].pos) == 6
