@@ -4,10 +4,15 @@ Each preset decodes --new-tokens after a random --context-token prompt with
 `snlp_compile.generate`: "sequential" (the exact model, inductor-compiled), "snlp" (every step
 through the SNLP-compiled model) and "speculative" (SNLP drafts, one sequential forward verifies;
 greedy output identical to sequential, checked). Weights are random unless --checkpoint is given
-(a state_dict of the preset's GPT): acceptance rates on random weights are a lower bound. Timing
-excludes compilation (one untimed warm-up generation per mode). Writes OUT/speculative.json.
+(a state_dict of the preset's GPT, or a GPT checkpoint of examples/train_char_lm.py, whose config
+then overrides the preset's): acceptance rates on random weights are a lower bound. The prompt is
+random ids, or with --prompt-data the start of that text file's validation split (its last 10%,
+as in train_char_lm.py). Timing excludes compilation (one untimed warm-up generation per mode).
+Writes OUT/speculative.json.
 
     PYTHONPATH=. python3 benchmarks/bench_speculative.py --preset d20 --context 512 --out out
+    PYTHONPATH=. python3 benchmarks/bench_speculative.py --preset char --checkpoint runs/gpt_reg/model.pt \
+        --prompt-data ../shared/data/tinyshakespeare.txt --context 128 --new-tokens 120 --n-par 4 --out out
     PYTHONPATH=. python3 benchmarks/bench_speculative.py --smoke --out /tmp/smoke   # tiny, CPU
 """
 
@@ -33,7 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-par", type=int, default=None, help="parallel layers of the SNLP drafter (default all)")
     parser.add_argument("--iters", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="trained state_dict instead of random weights")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="trained weights instead of random ones")
+    parser.add_argument("--prompt-data", type=Path, default=None, help="text file: prompt from its validation split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, eager inner compiler")
     parser.add_argument("--out", type=Path, default=Path("out"))
@@ -52,6 +58,33 @@ def _timed(run, device: torch.device):
     return result, time.perf_counter() - start
 
 
+def load_model(preset: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> torch.nn.Module:
+    """The preset's GPT with random weights, or with --checkpoint's (a state_dict, or a train_char_lm.py
+    checkpoint {"model": "gpt", "config", "state_dict"} whose config overrides the preset's)."""
+    if args.checkpoint is None:
+        return build_model(preset, device, dtype, args.seed)
+    checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=True)
+    overrides = {}
+    if "state_dict" in checkpoint:
+        if checkpoint.get("model") != "gpt":
+            raise ValueError(f"--checkpoint {args.checkpoint} holds a {checkpoint.get('model')!r} model; GPT only")
+        overrides, checkpoint = checkpoint["config"], checkpoint["state_dict"]
+    model = build_model(preset, device, dtype, args.seed, **overrides)
+    model.load_state_dict(checkpoint)
+    return model
+
+
+def make_prompt(path: Path | None, vocab_size: int, context: int, device: torch.device) -> torch.Tensor:
+    """[1, context] ids: random, or the first bytes of the validation split (last 10%) of a text file."""
+    if path is None:
+        return torch.randint(0, vocab_size, (1, context), device=device)
+    data = Path(path).read_bytes()
+    text = data[int(0.9 * len(data)) :][:context]
+    if len(text) < context or max(text) >= vocab_size:
+        raise ValueError(f"--prompt-data {path}: needs {context} validation bytes, each < vocab size {vocab_size}")
+    return torch.tensor(list(text), device=device).unsqueeze(0)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
@@ -62,13 +95,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     inner = "eager" if args.smoke else "inductor"
     doc = {"question": "speculative", "env": environment(device), "rows": [], "settings": vars(args) | {"inner": inner}}
     for preset in presets:
-        model = build_model(preset, device, dtype, args.seed)
-        if args.checkpoint is not None:
-            model.load_state_dict(torch.load(args.checkpoint, map_location=device))
+        model = load_model(preset, device, dtype, args)
         n_layer = model.config.n_layer
         n_par = args.n_par or n_layer
         config = SNLPConfig(n_seq=n_layer - n_par, iters=args.iters, inner=inner, cudagraphs=device.type == "cuda")
-        prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+        prompt = make_prompt(args.prompt_data, model.config.vocab_size, context, device)
         compiled = not args.smoke
 
         def run(mode: str, draft_len: int = 4, prompt=prompt, model=model, config=config, compiled=compiled):

@@ -3,9 +3,10 @@
 # char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16), trained side by side, then the
 # validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
 #     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
-# Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2"),
-# NPAR (default "4 8"), WARMUP (default 100), EXTRA (more train_char_lm.py flags for the
-# regularised runs), PYTHON. Writes OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,
+# Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2"; GPT_WEIGHTS
+# and MHC_WEIGHTS override it per model), NPAR (default "4 8"), WARMUP (default 100), EXTRA (more
+# train_char_lm.py flags for the regularised runs), TRAIN_LIMIT (seconds after which a training is
+# stopped and evaluated at its best checkpoint so far; default none), PYTHON. Writes OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,
 # frontier.png}, OUT_DIR/train_summary.txt and the per-run logs.
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
@@ -17,10 +18,13 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-800}
 WEIGHTS=${WEIGHTS:-0.5 2}
+GPT_WEIGHTS=${GPT_WEIGHTS:-$WEIGHTS}
+MHC_WEIGHTS=${MHC_WEIGHTS:-$WEIGHTS}
+TRAIN_LIMIT=${TRAIN_LIMIT:-0}
 NPAR=${NPAR:-4 8}
 WARMUP=${WARMUP:-100}
 EXTRA=${EXTRA:-}
-TRAIN=("$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
+TRAIN=(timeout -s INT "$TRAIN_LIMIT" "$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
     --eval-every 100 --steps "$STEPS")
 
 runs=()
@@ -33,15 +37,18 @@ launch() {  # launch NAME ARGS...: one training in the background, logged to OUT
 start=$SECONDS
 launch gpt_base --model gpt
 launch mhc_base --model mhc
-for w in $WEIGHTS; do
-    # shellcheck disable=SC2086  # NPAR and EXTRA are word lists
+# shellcheck disable=SC2086  # NPAR and EXTRA are word lists
+for w in $GPT_WEIGHTS; do
     launch "gpt_reg_w$w" --model gpt --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" $EXTRA
-    # shellcheck disable=SC2086
+done
+# shellcheck disable=SC2086
+for w in $MHC_WEIGHTS; do
     launch "mhc_reg_w$w" --model mhc --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" --reg-surrogate hc $EXTRA
 done
 wait
 {
-    echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS WEIGHTS=$WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA)"
+    echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
+        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA TRAIN_LIMIT=$TRAIN_LIMIT)"
     for r in "${runs[@]}"; do
         echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -t'(' -k2 | head -1) (best)"
     done

@@ -1,5 +1,6 @@
 """SNLPRegularizer, snlp_transform and the char-LM example scripts, on tiny CPU models."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -300,7 +301,7 @@ def test_fx_transform_of_a_symbolic_trace_and_graphs_without_module_paths():
     assert snlp_transform(flat, (x,)) is flat
 
 
-def test_example_scripts_smoke(tmp_path):
+def test_example_scripts_smoke(tmp_path, monkeypatch):
     data = tmp_path / "text.txt"
     data.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(300)))
     tiny_run = ["--preset", "tiny", "--n-layer", "2", "--data", str(data), "--batch", "2", "--seq", "16"]
@@ -321,6 +322,14 @@ def test_example_scripts_smoke(tmp_path):
         assert results[exact]["ppl"] == pytest.approx(results["sequential"]["ppl"], rel=1e-4)
         assert results[exact]["top1_agreement"] == 1.0
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the checkpoint drafts for itself
+    doc = importlib.import_module("benchmarks.bench_speculative").main(
+        ["--smoke", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--prompt-data", str(data)]
+        + ["--context", "6", "--new-tokens", "5", "--n-par", "1", "--draft-len", "2", "--out", str(tmp_path / "spec")]
+    )
+    assert all(r["exact"] for r in doc["rows"] if r["mode"] == "speculative")
+    assert doc["rows"][0]["weights"].endswith("model.pt") and doc["rows"][0]["n_par"] == 1
 
 
 def test_relative_error_weighs_every_token_equally():
