@@ -53,7 +53,9 @@ def _forward(model: nn.Module, idx: Tensor, kv_cache: StaticKVCache) -> Tensor:
 def compiled_forward(model: nn.Module, config: SNLPConfig | None) -> Forward:
     """`(idx, kv_cache) -> logits` of `model` compiled with the snlp backend (inductor when config is None).
 
-    Compiled once per (model, config) and cached while the model is alive.
+    Compiled once per (model, config) and cached while the model is alive. The snlp callable uses
+    static shapes (one graph per new-token count: decode steps, and each prompt length of an snlp
+    prefill), so the rewrite never sees symbolic sequence lengths.
     """
     per_model = _COMPILED.setdefault(model, {})
     if config not in per_model:
@@ -61,7 +63,9 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None) -> Forward:
             per_model[config] = torch.compile(_forward, **_ISOLATE)
         else:
             options = dataclasses.asdict(config)
-            per_model[config] = torch.compile(_forward, backend=snlp_backend, options=options, **_ISOLATE)
+            per_model[config] = torch.compile(
+                _forward, backend=snlp_backend, options=options, dynamic=False, **_ISOLATE
+            )
         logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, config or "inductor (sequential)")
     compiled = per_model[config]
     return lambda idx, kv_cache: compiled(model, idx, kv_cache)

@@ -15,6 +15,7 @@ Invariants of the rewritten graph:
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
   graph, so gradients reach each layer's own tensors.
 - An input a layer writes in place is always a view slice, so writes reach the original tensor.
+- The input GraphModule is not modified (the backend compiles it as is when it falls back).
 """
 
 from __future__ import annotations
@@ -221,6 +222,21 @@ def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
     return picks[0][0], slice(idx[0], idx[-1] + 1, step)
 
 
+def _graph_module_with(root: GraphModule, graph: Graph, added: dict[str, Tensor | nn.Module]) -> GraphModule:
+    """GraphModule(root, graph) for a graph that also reads `added` (new buffers and submodules). `root`
+    is left as it was, so the backend can still compile the original graph when it falls back."""
+    for name, value in added.items():
+        if isinstance(value, nn.Module):
+            root.add_submodule(name, value)
+        else:
+            root.register_buffer(name, value, persistent=False)
+    try:
+        return GraphModule(root, graph)
+    finally:
+        for name in added:
+            delattr(root, name)
+
+
 def rewrite_stack(
     gm: GraphModule,
     match: LayerStackMatch,
@@ -263,6 +279,7 @@ def rewrite_stack(
     graph = Graph()
     env: dict[Node, Node] = {}
     weights = StackedWeights()
+    added: dict[str, Tensor | nn.Module] = {}
     for node in placeholders:
         env[node] = graph.node_copy(node, env.__getitem__)
         if hasattr(node, "_dynamo_source"):  # aot_autograd reads static inputs (CUDA graphs) from it
@@ -271,12 +288,12 @@ def rewrite_stack(
         for k, (kind, value) in enumerate(slots):
             if kind == "placeholder":
                 name = f"snlp_stacked_g{g}_i{k}"
-                gm.register_buffer(name, weights.add(value, example_inputs), persistent=False)
+                added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
     program = StackProgram(
         [layer_module(gm, layers[m[0]]) for m in match.groups], match.groups, batched, recipes, config
     )
-    gm.add_submodule("snlp_stack", program)
+    added["snlp_stack"] = program
     last = layers[-1].state_out
     for node in gm.graph.nodes:
         if node.op == "placeholder" or (node in stack_nodes and node is not last):
@@ -301,7 +318,7 @@ def rewrite_stack(
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, tuple(per_group)))
         out.meta = dict(last.meta)
         env[last] = out
-    new_gm = GraphModule(gm, graph)
+    new_gm = _graph_module_with(gm, graph, added)
     new_gm.graph.lint()
     # aot_autograd treats a graph as dynamo's (static parameters and marked inputs: CUDA graphs
     # without copies) by its meta and the sources of its parameters.

@@ -100,6 +100,27 @@ def test_inductor_inference_and_training():
 
 
 @torch.no_grad()
+def test_inner_compiler_failure_falls_back_to_the_unmodified_graph(monkeypatch, caplog):
+    """When inductor fails on the rewrite, the original graph compiles as it was (the rewrite left
+    dynamo's graph module, its buffers and parameter sources untouched) and the log says why."""
+    from snlp_compile.backends import dynamo
+
+    real = dynamo.inner_compile
+
+    def failing_on_the_rewrite(gm, example_inputs, config):
+        if hasattr(gm, "snlp_stack"):
+            raise RuntimeError("simulated inner compiler failure")
+        return real(gm, example_inputs, config)
+
+    monkeypatch.setattr(dynamo, "inner_compile", failing_on_the_rewrite)
+    model = build(GPT, {})
+    with caplog.at_level(logging.WARNING, logger="snlp_compile"):
+        out = torch.compile(model, backend="snlp", options=dict(iters=1))(IDX)
+    assert "the inner compiler failed on the rewrite (simulated inner compiler failure)" in caplog.text
+    torch.testing.assert_close(out, model(IDX), atol=5e-5, rtol=5e-5)  # sequential: the graph as it was
+
+
+@torch.no_grad()
 def test_weight_updates_after_compiling_are_seen(caplog):
     model = build(GPT, {})
     fn = compiled(model, SNLPConfig(iters=4))
