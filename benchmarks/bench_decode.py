@@ -37,8 +37,6 @@ class DecodeProblem:
         config, device = model.config, bench.device
         self.context = context
         self.cache = StaticKVCache(config, batch, cache_len, dtype=bench.dtype, device=device)
-        for t in (self.cache.k, self.cache.v, self.cache.pos):  # cudagraphs: written in place at a fixed address
-            torch._dynamo.mark_static_address(t)
         generator = torch.Generator(device).manual_seed(bench.args.seed + batch)
         prompt = torch.randint(0, config.vocab_size, (batch, context), device=device, generator=generator)
         new = torch.randint(0, config.vocab_size, (batch, n_check), device=device, generator=generator)

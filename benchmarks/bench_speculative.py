@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.common import DTYPES, build_model, environment, format_table, setup_logging, write_json
 from snlp_compile import SNLPConfig, generate
+from snlp_compile.models import StaticKVCache
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,16 +95,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     context, new = args.context or (8 if args.smoke else 512), args.new_tokens or (8 if args.smoke else 128)
     inner = "eager" if args.smoke else "inductor"
     doc = {"question": "speculative", "env": environment(device), "rows": [], "settings": vars(args) | {"inner": inner}}
+    compiled = not args.smoke  # sequential decoding through inductor on GPU
     for preset in presets:
         model = load_model(preset, device, dtype, args)
         n_layer = model.config.n_layer
         n_par = args.n_par or n_layer
         config = SNLPConfig(n_seq=n_layer - n_par, iters=args.iters, inner=inner, cudagraphs=device.type == "cuda")
         prompt = make_prompt(args.prompt_data, model.config.vocab_size, context, device)
-        compiled = not args.smoke
 
-        def run(mode: str, draft_len: int = 4, prompt=prompt, model=model, config=config, compiled=compiled):
-            return generate(model, prompt, new, config, mode=mode, draft_len=draft_len, compile_sequential=compiled)
+        cache = StaticKVCache(model.config, 1, context + new - 1, dtype=dtype, device=device)
+
+        def run(mode: str, draft_len: int = 4, prompt=prompt, model=model, config=config, cache=cache):
+            # one cache for every generation: CUDA graphs recorded in the warm-up replay in the timed run
+            return generate(
+                model, prompt, new, config, mode=mode, draft_len=draft_len, compile_sequential=compiled, kv_cache=cache
+            )
 
         reference, seconds = _timed(lambda run=run: run("sequential"), device)
         rows = [dict(preset=preset, mode="sequential", draft_len=None, seconds=seconds, exact=True, acceptance=None)]

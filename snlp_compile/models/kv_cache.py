@@ -14,7 +14,8 @@ class StaticKVCache:
     ``pos`` is a 0-d int64 tensor: the number of positions filled. Layers write new keys/values
     in place at their absolute positions and attend over the whole cache (shapes never change);
     the model advances ``pos`` after each forward. Slots at or beyond ``pos`` may hold stale data
-    (e.g. after ``rollback``) and are always masked out as future positions.
+    (e.g. after ``rollback``) and are always masked out as future positions. ``k``, ``v`` and ``pos``
+    are marked as static addresses, so compiled decode steps that write them in place keep CUDA graphs.
     """
 
     def __init__(
@@ -37,6 +38,8 @@ class StaticKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.zeros((), dtype=torch.int64, device=device)
+        for tensor in (self.k, self.v, self.pos):
+            torch._dynamo.mark_static_address(tensor)
 
     @property
     def max_seq_len(self) -> int:
