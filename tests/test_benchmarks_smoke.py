@@ -66,10 +66,11 @@ def test_frontier(smoke_dir: Path) -> None:
     assert "### forward" in text and "### decode" in text and "snlp p4 F1 K1" in text
 
 
-def test_speculative_benchmark_smoke(tmp_path):
-    from benchmarks import bench_speculative
-
-    doc = bench_speculative.main(["--smoke", "--out", str(tmp_path), "--draft-len", "2"])
+def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    doc = importlib.import_module("benchmarks.bench_speculative").main(
+        ["--smoke", "--out", str(tmp_path), "--draft-len", "2"]
+    )
     modes = [r["mode"] for r in doc["rows"]]
     assert modes == ["sequential", "snlp", "speculative"]
     speculative = doc["rows"][-1]
