@@ -134,7 +134,9 @@ class SNLPRegularizer:
     dynamo traces them (checked on CPU with the eager, aot_eager and inductor backends: the same
     loss and gradients as eager); `loss()` itself runs eagerly. Give the regulariser the module,
     not the compiled wrapper. Blocks must be deterministic (no dropout), since the SNLP trace
-    calls them again. DistributedDataParallel: not tried.
+    calls them again. DistributedDataParallel: give the regulariser the wrapped module and add its
+    loss before backward; its gradients are all-reduced with the task loss's (tested with two CPU
+    ranks over gloo).
     """
 
     _solving = False  # set while any regulariser re-runs blocks: their calls are not a forward to capture

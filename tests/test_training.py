@@ -169,7 +169,38 @@ def test_autocast_state_of_the_forward_is_used_and_accumulation_adds_up():
             (reg.loss() * x.shape[0] / IDX.shape[0]).backward()
         grads.append(model.blocks[-1].mlp.c_fc.weight.grad.clone())
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0])  # R is a batch mean of per-sample errors
+    torch.testing.assert_close(grads[1], grads[0])  # R is a mean over tokens: equal chunks add up
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One DistributedDataParallel rank (gloo, CPU): its half of IDX, task loss + regulariser, one backward."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = tiny()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        reg = SNLPRegularizer(model, weight=1.0, n_par=(2, 4))  # the module, not the DDP wrapper
+        x = IDX.chunk(world)[rank]
+        (ddp(x).square().mean() + reg.loss()).backward()
+        torch.save([p.grad for p in model.parameters()], f"{out_dir}/grads{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_data_parallel(tmp_path):
+    """Under DDP (two CPU ranks, gloo) the regulariser's gradients are all-reduced with the task's:
+    every rank ends with the mean of the single-process gradients of the two halves."""
+    world = 2
+    torch.multiprocessing.spawn(_ddp_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    reduced = [torch.load(tmp_path / f"grads{r}.pt") for r in range(world)]
+    torch.manual_seed(0)
+    model = tiny()
+    reg = SNLPRegularizer(model, weight=1.0, n_par=(2, 4))
+    for x in IDX.chunk(world):
+        (model(x).square().mean() + reg.loss()).backward()  # gradients add up over the halves
+    for name, p, a, b in zip(dict(model.named_parameters()), model.parameters(), *reduced, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, p.grad / world, msg=name)
 
 
 def test_hooks_fire_inside_a_compiled_model():
