@@ -35,6 +35,7 @@ class SNLPConfig:
     inner:      compiler the rewritten graph goes to: "inductor" or "eager".
     fallback:   on an unsafe graph, "warn" (run it unmodified, log why) or "error" (raise).
     cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
+    max_autotune: let inductor autotune its GEMM and kernel choices (slower compile).
     prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".
     """
 
@@ -48,6 +49,7 @@ class SNLPConfig:
     inner: str = "inductor"
     fallback: str = "warn"
     cudagraphs: bool = False
+    max_autotune: bool = False
     prefill: str = "snlp"
 
     def __post_init__(self) -> None:
@@ -65,8 +67,9 @@ class SNLPConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"SNLPConfig.{name} must be one of {choices}, got {value!r}")
-        if not isinstance(self.cudagraphs, bool):
-            raise ValueError(f"SNLPConfig.cudagraphs must be True or False, got {self.cudagraphs!r}")
+        for name in ("cudagraphs", "max_autotune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SNLPConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | SNLPConfig | None) -> SNLPConfig:

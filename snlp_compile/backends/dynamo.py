@@ -22,12 +22,13 @@ from ..passes.surrogate import SurrogateRecipe, choose_recipe
 
 logger = logging.getLogger("snlp_compile")
 
-_MODES = {
-    None: False,
-    "default": False,
-    "reduce-overhead": True,
-    "max-autotune": False,
-    "max-autotune-no-cudagraphs": False,
+# torch.compile modes and the SNLPConfig fields they switch on (as inductor's own modes do).
+_MODES: dict[str | None, dict[str, bool]] = {
+    None: {},
+    "default": {},
+    "reduce-overhead": {"cudagraphs": True},
+    "max-autotune": {"max_autotune": True, "cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
 }
 
 
@@ -41,7 +42,8 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig)
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches={"triton.cudagraphs": config.cudagraphs})
+    patches = {"triton.cudagraphs": config.cudagraphs, "max_autotune": config.max_autotune}
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def is_training(example_inputs: Sequence) -> bool:
@@ -71,8 +73,7 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
     config = SNLPConfig.from_options(options)
     if mode not in _MODES:
         raise ValueError(f"snlp: mode must be one of {sorted(m for m in _MODES if m)}, got {mode!r}")
-    if _MODES[mode]:
-        config = config.replace(cudagraphs=True)
+    config = config.replace(**_MODES[mode])
     try:
         match, recipes, config = analyse(gm, config)
         new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), is_training(example_inputs))

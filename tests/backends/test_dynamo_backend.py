@@ -144,6 +144,31 @@ def test_prepare_is_zero_copy_and_keeps_the_state_dict(caplog):
     torch.testing.assert_close(out, model(IDX), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "mode, patches",
+    [
+        (None, {"triton.cudagraphs": False, "max_autotune": False}),
+        ("reduce-overhead", {"triton.cudagraphs": True, "max_autotune": False}),
+        ("max-autotune", {"triton.cudagraphs": True, "max_autotune": True}),
+        ("max-autotune-no-cudagraphs", {"triton.cudagraphs": False, "max_autotune": True}),
+    ],
+)
+@torch.no_grad()
+def test_compile_modes_reach_inductor(monkeypatch, mode, patches):
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def capture(gm, example_inputs, config_patches):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", capture)
+    model = build(GPT, {})
+    out = torch.compile(model, backend="snlp", mode=mode)(IDX)  # torch.compile takes a mode or options
+    assert seen == [patches] and out.shape == (2, 16, 64)
+
+
 def test_bad_options():
     model = build(GPT, {})
     with pytest.raises(Exception, match="unknown SNLP option"):
@@ -151,6 +176,12 @@ def test_bad_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="n_seq must be < the number of layers"):
         torch.compile(model, backend="snlp", options={"n_seq": 4, "inner": "eager"})(IDX)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="max_autotune must be True or False"):
+        torch.compile(model, backend="snlp", options={"max_autotune": "yes"})(IDX)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="mode must be one of"):
+        torch.compile(model, backend="snlp", mode="fast")(IDX)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="surrogate='hc' needs stream mixing"):
         torch.compile(model, backend="snlp", options={"surrogate": "hc", "inner": "eager"})(IDX)
