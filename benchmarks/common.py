@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -121,7 +122,7 @@ class Variant:
 
     @property
     def cudagraphs(self) -> bool:
-        return self.mode == "reduce-overhead" or bool(self.options.get("cudagraphs"))
+        return self.mode in ("reduce-overhead", "max-autotune") or bool(self.options.get("cudagraphs"))
 
 
 def baseline_variants(device: torch.device) -> list[Variant]:
@@ -150,6 +151,12 @@ def snlp_variant(n_layer: int, spec: dict[str, Any], cudagraphs: bool, inner: st
     return Variant(
         name, "snlp", options={**options, "fallback": "error", "cudagraphs": cudagraphs}, exact=exact, timed=timed
     )
+
+
+def autotuned(variant: Variant) -> Variant:
+    """The SNLP variant with inductor's max-autotune on (name suffix " +at")."""
+    options = {**variant.options, "max_autotune": True}
+    return dataclasses.replace(variant, name=f"{variant.name} +at", options=options)
 
 
 def grid_variants(
@@ -280,6 +287,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cudagraphs", choices=("default", "both", "on", "off"), default="default")
     parser.add_argument("--inner", choices=("inductor", "eager"), default=None, help="SNLP inner compiler")
+    parser.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="GPU: add the inductor max-autotune baseline (with CUDA graphs) and autotune the timed SNLP variants",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (smoke: float32)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (median reported)")
@@ -334,6 +346,9 @@ class Bench:
         on_gpu = self.device.type == "cuda"
         specs = grid_variants(n_layer, grids[self.args.grid], self.args.cudagraphs, self.inner, on_gpu, self.default_cg)
         base = baseline_variants(self.device)
+        if self.args.max_autotune and on_gpu:
+            base.insert(2, Variant("inductor+cg+at", "inductor", "max-autotune"))
+            specs = [[autotuned(v) if v.timed else v for v in vs] for vs in specs]
         return base[:2] + [v for vs in specs[:2] for v in vs] + base[2:] + [v for vs in specs[2:] for v in vs]
 
     def begin_preset(self, preset: str) -> None:

@@ -5,7 +5,8 @@
 # starts no new variant once its per-preset budget is spent and is killed at a hard limit that also
 # keeps the whole run within TOTAL seconds; the JSONs are rewritten after every row, so a cut run
 # keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
-# e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET (seconds per preset), TOTAL (seconds), PYTHON.
+# e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET (seconds per preset), TOTAL (seconds), EXTRA (more
+# flags for the decode and forward scripts, e.g. "--max-autotune"), PYTHON.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -18,6 +19,7 @@ BATCH=${BATCH:-1}
 DECODE_BUDGET=${DECODE_BUDGET:-120}
 FORWARD_BUDGET=${FORWARD_BUDGET:-75}
 TOTAL=${TOTAL:-510}
+EXTRA=${EXTRA:-}
 
 run() {  # run BUDGET SCRIPT ARGS...: killed after 2 presets x BUDGET + 120 s, or when TOTAL is near
     local budget=$1 script=$2 limit rc
@@ -25,7 +27,8 @@ run() {  # run BUDGET SCRIPT ARGS...: killed after 2 presets x BUDGET + 120 s, o
     limit=$((2 * budget + 120))
     ((limit > TOTAL - SECONDS - 15)) && limit=$((TOTAL - SECONDS - 15))
     echo "== $(date +%T) $PY $script $* (hard limit ${limit} s)"
-    timeout -k 10 "$limit" "$PY" "$script" "$@" --grid "$GRID" --batch $BATCH --budget-s "$budget" --out "$OUT"
+    # shellcheck disable=SC2086  # BATCH and EXTRA are word lists
+    timeout -k 10 "$limit" "$PY" "$script" "$@" --grid "$GRID" --batch $BATCH --budget-s "$budget" --out "$OUT" $EXTRA
     rc=$?
     echo "== $(date +%T) exit $rc"
 }

@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts on CPU (tiny preset, eager inner compiler): the JSONs hold the
 expected rows, SNLP with iters >= layers matches the sequential model, and the plots are written."""
 
+import argparse
 import importlib
 import json
 from pathlib import Path
@@ -76,3 +77,28 @@ def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
     speculative = doc["rows"][-1]
     assert speculative["exact"] and 0.0 <= speculative["acceptance"] <= 1.0
     assert (tmp_path / "speculative.json").exists()
+
+
+def test_gpu_variant_list_with_max_autotune(tmp_path, monkeypatch):
+    """The GPU variant list (built on any machine): baselines in priority order, the headline spec with and
+    without CUDA graphs, and with --max-autotune the autotuned baseline and autotuned timed SNLP variants."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    common = importlib.import_module("benchmarks.common")
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser)
+    names = {}
+    for flag in ([], ["--max-autotune"]):
+        args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), *flag])
+        bench = common.Bench("decode", args, default_cg=True)
+        bench.device = torch.device("cuda")
+        variants = bench.variants("d20", 20)
+        names[bool(flag)] = [v.name for v in variants]
+        for v in variants:
+            assert v.options.get("max_autotune", False) == (bool(flag) and v.kind == "snlp" and v.timed)
+    assert names[False] == [
+        "eager", "inductor+cg", "snlp p20 F1 K1 +cg", "snlp p20 F1 K1", "snlp p20 F1 K20 check", "inductor"
+    ]  # fmt: skip
+    assert names[True] == [
+        "eager", "inductor+cg", "snlp p20 F1 K1 +cg +at", "snlp p20 F1 K1 +at", "snlp p20 F1 K20 check",
+        "inductor+cg+at", "inductor",
+    ]  # fmt: skip
