@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--reg-weight", type=float, default=0.0, help="SNLP regulariser weight lambda (0: off)")
     p.add_argument("--reg-n-par", type=int, nargs="+", default=None, help="parallel layer counts (default L/2)")
-    p.add_argument("--reg-iters", type=int, default=1)
+    p.add_argument("--reg-iters", type=int, nargs="+", default=[1], help="iteration count(s) K regularised")
     p.add_argument("--reg-stride", type=int, default=0)
     p.add_argument("--reg-warmup", type=int, default=0)
     p.add_argument("--reg-detach", action="store_true", help="no gradient through the sequential target")

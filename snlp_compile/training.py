@@ -4,7 +4,7 @@
 normal forward, scores how far a K-iteration SNLP solve of the last n_par layers lands from the
 sequential trace that forward just computed:
 
-    R = mean_j mean_tokens ||h~_j,t - h_j,t|| / ||h_j,t||,    loss = weight * warmup(step) * R
+    R = mean_j mean_tokens ||h~_j,t - h_j,t|| / ||h_j,t||,    loss = weight * warmup(step) * mean R
 
 The norms are per token (the state's axes after batch and position, [B, T, ...]), so every
 position counts equally: a norm over whole sequences is dominated by the few positions with
@@ -14,8 +14,8 @@ Invariants:
 
 - The SNLP trace h~ is `solver.solve_trace` on the hooked blocks themselves (closures over the
   captured side inputs), started from the state before the first parallel layer; h is the
-  captured sequential trace. A term with iters >= n_par is exactly zero (the solver's exactness
-  invariant) and is not computed.
+  captured sequential trace; the loss averages R over every (n_par, iters) pair. A term with
+  iters >= n_par is exactly zero (the solver's exactness invariant) and is not computed.
 - The surrogate matches what the snlp backend reads off the graph: IDN, a scaled identity
   (`resid_lambdas`, x0 mixing) or HCN (the blocks' HyperConnection H_res matrices composed in
   registration order, which is their execution order in MHCBlock).
@@ -115,8 +115,9 @@ class SNLPRegularizer:
 
     Arguments: weight >= 0 (lambda); n_par: the number(s) of last layers solved in parallel, each
     in [1, L] (the loss averages over them; default L // 2); stride: 0 scores the last layer only,
-    s >= 1 every s-th layer of the parallel part (s <= min(n_par)); iters (K) >= 1 and init
-    ("h0" | "batch_fwd") of the solve; detach_target: no gradient through the sequential trace;
+    s >= 1 every s-th layer of the parallel part (s <= min(n_par)); iters: the iteration count(s)
+    K >= 1 of the solve (the loss averages over them too, e.g. (1, 2) to train for K = 1 and 2);
+    init ("h0" | "batch_fwd") of the solve; detach_target: no gradient through the sequential trace;
     warmup_steps >= 0: the weight ramps linearly from 0 at step 0 to full at warmup_steps;
     surrogate: "auto" (HCN for blocks with HyperConnections, else read off the glue), "identity"
     (IDN) or "hc" (HCN; an error without HyperConnections).
@@ -147,7 +148,7 @@ class SNLPRegularizer:
         weight: float = 0.5,
         n_par: int | Sequence[int] | None = None,
         stride: int = 0,
-        iters: int = 1,
+        iters: int | Sequence[int] = 1,
         init: str = "h0",
         detach_target: bool = False,
         warmup_steps: int = 0,
@@ -169,7 +170,11 @@ class SNLPRegularizer:
             raise ValueError(f"SNLPRegularizer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if not isinstance(detach_target, bool):
             raise ValueError(f"SNLPRegularizer.detach_target must be True or False, got {detach_target!r}")
-        self.config = SNLPConfig(iters=iters, init=init, surrogate=surrogate)
+        iters = (iters,) if isinstance(iters, int) and not isinstance(iters, bool) else tuple(iters)
+        if not iters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in iters):
+            raise ValueError(f"SNLPRegularizer.iters must be one or more integers >= 1, got {iters!r}")
+        self.iters = iters
+        self.config = SNLPConfig(init=init, surrogate=surrogate)
         self.hyper_connections = [[m for m in b.modules() if isinstance(m, HyperConnection)] for b in self.blocks]
         has_hc = all(self.hyper_connections)
         if surrogate == "hc" and not has_hc:
@@ -239,12 +244,12 @@ class SNLPRegularizer:
         SNLPRegularizer._solving = True
         try:
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                terms = [self._gap(calls, n) for n in self.n_par if self.config.iters < n]
+                terms = [term for n in self.n_par for term in self._gaps(calls, n)]
         finally:
             SNLPRegularizer._solving = False
         if not terms:
             return torch.zeros((), device=self._device)
-        return scale * torch.stack(terms).sum() / len(self.n_par)
+        return scale * torch.stack(terms).sum() / (len(self.n_par) * len(self.iters))
 
     def _checked(self, calls: list[_Call | None] | None) -> list[_Call]:
         if calls is None or any(c is None for c in calls):
@@ -292,8 +297,9 @@ class SNLPRegularizer:
             return Surrogate("scale", torch.stack([one if r is None else r.float() for r in scales]))
         return IDENTITY
 
-    def _gap(self, calls: list[_Call], n_par: int) -> Tensor:
-        """R for the last n_par layers: mean over the scored layers of the batch-mean relative error."""
+    def _gaps(self, calls: list[_Call], n_par: int) -> list[Tensor]:
+        """R for the last n_par layers, one per iteration count K < n_par (K >= n_par is exact: zero):
+        the mean over the scored layers of the per-token relative error."""
         first = len(calls) - n_par
         glue = [self._glue(calls, i) for i in range(first, len(calls))]
 
@@ -305,10 +311,13 @@ class SNLPRegularizer:
 
         stack = CallableStack([layer(i) for i in range(n_par)], self._surrogate(glue, first))
         h0 = calls[first - 1].output if first > 0 else calls[0].state
-        trace = solve_trace(stack, h0, self.config)
         scored = [n_par - 1] if self.stride == 0 else list(range(self.stride - 1, n_par, self.stride))
-        errors = []
-        for j in scored:
-            target = calls[first + j].output
-            errors.append(_relative_error(trace[j], target.detach() if self.detach_target else target))
-        return torch.stack(errors).mean()
+        targets = [calls[first + j].output for j in scored]
+        if self.detach_target:
+            targets = [t.detach() for t in targets]
+        gaps = []
+        for iters in (k for k in self.iters if k < n_par):
+            trace = solve_trace(stack, h0, self.config, iters=iters)
+            errors = [_relative_error(trace[j], target) for j, target in zip(scored, targets, strict=True)]
+            gaps.append(torch.stack(errors).mean())
+        return gaps

@@ -241,6 +241,16 @@ def test_kv_cache_is_an_error():
         reg.loss()
 
 
+def test_several_iteration_counts_average_their_terms():
+    """iters=(1, 2): the mean over every (n_par, K) pair; pairs with K >= n_par count as exact zeros."""
+    model = tiny()
+    regs = {k: SNLPRegularizer(model, weight=1.0, n_par=(2, 4), iters=k) for k in (1, 2, (1, 2))}
+    model(IDX)
+    losses = {k: reg.loss() for k, reg in regs.items()}
+    torch.testing.assert_close(losses[(1, 2)], (losses[1] + losses[2]) / 2)
+    assert losses[1] > losses[2] > 0  # K = 2 is exact for n_par = 2 only: its n_par = 4 term remains
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -250,6 +260,8 @@ def test_kv_cache_is_an_error():
         (dict(n_par=2, stride=3), "stride"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(iters=0), "iters"),
+        (dict(iters=()), "iters"),
+        (dict(iters=(1, True)), "iters"),
         (dict(init="zeros"), "init"),
     ],
 )
