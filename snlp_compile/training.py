@@ -86,6 +86,17 @@ def _relative_error(approx: Tensor, target: Tensor) -> Tensor:
     return (torch.linalg.vector_norm(diff, dim=-1) / norm).mean()
 
 
+def _h_res(connections: list[HyperConnection]) -> dict[int, Tensor]:
+    """{id(hc): its Sinkhorn H_res in float32}, one batched Sinkhorn per iteration count (not one
+    small-kernel loop per connection: the regulariser runs this every step)."""
+    out: dict[int, Tensor] = {}
+    for iters in {hc.sinkhorn_iters for hc in connections}:
+        group = [hc for hc in connections if hc.sinkhorn_iters == iters]
+        stacked = sinkhorn(torch.stack([hc.res_logits.float() for hc in group]), iters)
+        out.update(zip(map(id, group), stacked, strict=True))
+    return out
+
+
 def _check_side_input(value: Any, where: str) -> None:
     if isinstance(value, (Tensor, int, float, bool, str, type(None))):
         return
@@ -285,11 +296,13 @@ class SNLPRegularizer:
         """J of the parallel layers from `first` on: HCN mixing and/or the glue's resid_lambdas scale."""
         scales = [None if g is None else g[0] for g in glue]
         if self.use_hc:
+            per_block = self.hyper_connections[first:]
+            h_res = _h_res([hc for hcs in per_block for hc in hcs])
             values = []
-            for hcs, r in zip(self.hyper_connections[first:], scales, strict=True):
+            for hcs, r in zip(per_block, scales, strict=True):
                 mix = torch.eye(hcs[0].res_logits.shape[-1], device=self._device)
                 for hc in hcs:
-                    mix = sinkhorn(hc.res_logits.float(), hc.sinkhorn_iters) @ mix
+                    mix = h_res[id(hc)] @ mix
                 values.append(mix if r is None else r * mix)
             return Surrogate("mix", torch.stack(values))
         if self.config.surrogate == "auto" and any(r is not None for r in scales):

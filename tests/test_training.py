@@ -13,6 +13,7 @@ from torch import nn
 from snlp_compile import SNLPFallbackError
 from snlp_compile.backends.fx_transform import snlp_transform
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
+from snlp_compile.models.mhc import sinkhorn
 from snlp_compile.training import SNLPRegularizer, _relative_error, find_block_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -112,6 +113,11 @@ def test_hcn_surrogate_on_hyper_connections():
     assert hcn.use_hc and not idn.use_hc
     model(IDX)
     assert hcn.loss().item() != pytest.approx(idn.loss().item())
+    surrogate = hcn._surrogate([None] * 4, 0)  # J_l = H_res(mlp) @ H_res(attn), in execution order
+    for block, mix in zip(model.blocks, surrogate.values, strict=True):
+        attn, mlp = block.hc_attn, block.hc_mlp
+        expected = sinkhorn(mlp.res_logits, mlp.sinkhorn_iters) @ sinkhorn(attn.res_logits, attn.sinkhorn_iters)
+        torch.testing.assert_close(mix, expected)
     with pytest.raises(ValueError, match="HyperConnection"):
         SNLPRegularizer(tiny(), surrogate="hc")
 
