@@ -3,11 +3,13 @@
 # char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16), trained side by side, then the
 # validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
 #     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
-# Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2"; GPT_WEIGHTS
-# and MHC_WEIGHTS override it per model), NPAR (default "4 8"), WARMUP (default 100), EXTRA (more
-# train_char_lm.py flags for the regularised runs), TRAIN_LIMIT (seconds after which a training is
-# stopped and evaluated at its best checkpoint so far; default none), PYTHON. Writes OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,
-# frontier.png}, OUT_DIR/train_summary.txt and the per-run logs.
+# Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2";
+# GPT_WEIGHTS and MHC_WEIGHTS override it per model), NPAR (default "4 8"), WARMUP (default 100),
+# EXTRA (more train_char_lm.py flags for the regularised runs, e.g. "--reg-iters 1 2"), TRAIN_FLAGS
+# (flags for every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped
+# and evaluated at its best checkpoint so far; default none), PYTHON. Writes
+# OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
+# OUT_DIR/train_summary.txt and the per-run logs.
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
 OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
@@ -24,8 +26,10 @@ TRAIN_LIMIT=${TRAIN_LIMIT:-0}
 NPAR=${NPAR:-4 8}
 WARMUP=${WARMUP:-100}
 EXTRA=${EXTRA:-}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
+# shellcheck disable=SC2206  # TRAIN_FLAGS is a word list
 TRAIN=(timeout -s INT "$TRAIN_LIMIT" "$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
-    --eval-every 100 --steps "$STEPS")
+    --eval-every 100 --steps "$STEPS" $TRAIN_FLAGS)
 
 runs=()
 launch() {  # launch NAME ARGS...: one training in the background, logged to OUT/NAME.log
@@ -48,7 +52,7 @@ done
 wait
 {
     echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
-        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA TRAIN_LIMIT=$TRAIN_LIMIT)"
+        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
     for r in "${runs[@]}"; do
         echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -t'(' -k2 | head -1) (best)"
     done

@@ -111,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reg-warmup", type=int, default=0)
     p.add_argument("--reg-detach", action="store_true", help="no gradient through the sequential target")
     p.add_argument("--reg-surrogate", choices=["auto", "identity", "hc"], default="auto")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile (inductor); hooks still fire")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=args.reg_warmup,
         surrogate=args.reg_surrogate,
     )
+    forward = torch.compile(model) if args.compile else model  # the regulariser watches `model` either way
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.accum):
             x, y = (t.to(args.device) for t in random_batch(train, args.batch, args.seq, generator))
             with autocast(args.device, args.dtype):
-                logits = model(x)
+                logits = forward(x)
                 ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
                 penalty = reg.loss()
             ((ce + penalty) / args.accum).backward()

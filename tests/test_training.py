@@ -359,6 +359,11 @@ def test_example_scripts_smoke(tmp_path, monkeypatch):
     metrics = train_char_lm.main([*tiny_run, *schedule, *regulariser, "--out", str(tmp_path / "run")])
     assert [v["step"] for v in metrics["val"]] == [2, 4] and metrics["best_step"] in (2, 4)
     assert all(t["reg"] > 0 for t in metrics["train"])
+    compiled = train_char_lm.main([*tiny_run, *schedule, *regulariser, "--compile", "--out", str(tmp_path / "c")])
+    for eager, inductor in zip(metrics["train"], compiled["train"], strict=True):  # same run through inductor
+        assert inductor["ce"] == pytest.approx(eager["ce"], rel=1e-3) and inductor["reg"] == pytest.approx(
+            eager["reg"], rel=1e-3
+        )
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_val"] == metrics["best_val"]
     report = eval_snlp.main(
         [str(tmp_path / "run" / "model.pt"), "--data", str(data), "--batch", "2", "--seq", "16"]
