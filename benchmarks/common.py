@@ -153,10 +153,9 @@ def snlp_variant(n_layer: int, spec: dict[str, Any], cudagraphs: bool, inner: st
     )
 
 
-def autotuned(variant: Variant) -> Variant:
-    """The SNLP variant with inductor's max-autotune on (name suffix " +at")."""
-    options = {**variant.options, "max_autotune": True}
-    return dataclasses.replace(variant, name=f"{variant.name} +at", options=options)
+def with_option(variant: Variant, option: str, suffix: str) -> Variant:
+    """The SNLP variant with one more boolean SNLP option on, its name suffixed."""
+    return dataclasses.replace(variant, name=f"{variant.name} {suffix}", options={**variant.options, option: True})
 
 
 def grid_variants(
@@ -292,6 +291,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="GPU: add the inductor max-autotune baseline (with CUDA graphs) and autotune the timed SNLP variants",
     )
+    parser.add_argument("--gemv", action="store_true", help="also time each SNLP variant with gemv=True")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 (smoke: float32)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (median reported)")
@@ -348,7 +348,9 @@ class Bench:
         base = baseline_variants(self.device)
         if self.args.max_autotune and on_gpu:
             base.insert(2, Variant("inductor+cg+at", "inductor", "max-autotune"))
-            specs = [[autotuned(v) if v.timed else v for v in vs] for vs in specs]
+            specs = [[with_option(v, "max_autotune", "+at") if v.timed else v for v in vs] for vs in specs]
+        if self.args.gemv:  # each timed SNLP variant also with the Triton batched GEMV, right after it
+            specs = [[w for v in vs for w in ([v, with_option(v, "gemv", "gemv")] if v.timed else [v])] for vs in specs]
         return base[:2] + [v for vs in specs[:2] for v in vs] + base[2:] + [v for vs in specs[2:] for v in vs]
 
     def begin_preset(self, preset: str) -> None:

@@ -34,6 +34,7 @@ from benchmarks.common import (
     setup_logging,
     snlp_variant,
     synchronize,
+    with_option,
     write_json,
 )
 
@@ -55,14 +56,15 @@ def category(name: str) -> str:
 
 
 def parse_snlp(spec: str, n_layer: int, inner: str) -> Variant:
-    """'N_PAR:ITERS[:FUSE][:cg]' -> the SNLP variant (blocks 1, init h0)."""
+    """'N_PAR:ITERS[:FUSE][:cg][:gemv]' -> the SNLP variant (blocks 1, init h0)."""
     parts = spec.split(":")
-    cg = parts[-1] == "cg"
-    numbers = parts[:-1] if cg else parts
+    flags = {p for p in parts if p in ("cg", "gemv")}
+    numbers = [p for p in parts if p not in flags]
     if not 2 <= len(numbers) <= 3 or not all(p.isdigit() for p in numbers):
-        raise ValueError(f"--snlp entries are N_PAR:ITERS[:FUSE][:cg], got {spec!r}")
+        raise ValueError(f"--snlp entries are N_PAR:ITERS[:FUSE][:cg][:gemv], got {spec!r}")
     n_par, iters, fuse = int(numbers[0]), int(numbers[1]), int(numbers[2]) if len(numbers) == 3 else 1
-    return snlp_variant(n_layer, dict(n_par=n_par, iters=iters, fuse=fuse), cg, inner)
+    variant = snlp_variant(n_layer, dict(n_par=n_par, iters=iters, fuse=fuse), "cg" in flags, inner)
+    return with_option(variant, "gemv", "gemv") if "gemv" in flags else variant
 
 
 def kernel_summary(prof: profile, steps: int, device: torch.device, top: int) -> dict[str, Any]:
@@ -132,7 +134,7 @@ def print_summary(result: dict) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", choices=("forward", "decode"), default="decode")
-    parser.add_argument("--snlp", nargs="+", default=None, help="SNLP variants N_PAR:ITERS[:FUSE][:cg]")
+    parser.add_argument("--snlp", nargs="+", default=None, help="SNLP variants N_PAR:ITERS[:FUSE][:cg][:gemv]")
     parser.add_argument("--seq-len", type=int, default=2048, help="forward: tokens per sequence")
     parser.add_argument("--context", type=int, default=512, help="decode: prompt tokens in the cache")
     parser.add_argument("--steps", type=int, default=20, help="profiled calls per variant")

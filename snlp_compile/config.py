@@ -36,6 +36,8 @@ class SNLPConfig:
     fallback:   on an unsafe graph, "warn" (run it unmodified, log why) or "error" (raise).
     cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
     max_autotune: let inductor autotune its GEMM and kernel choices (slower compile).
+    gemv:       inference: the parallel layers' bias-free linears run as one `snlp::linear` call,
+                a Triton batched GEMV on CUDA at <= 16 tokens per layer (decode), else bmm.
     prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".
     """
 
@@ -50,6 +52,7 @@ class SNLPConfig:
     fallback: str = "warn"
     cudagraphs: bool = False
     max_autotune: bool = False
+    gemv: bool = False
     prefill: str = "snlp"
 
     def __post_init__(self) -> None:
@@ -67,7 +70,7 @@ class SNLPConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"SNLPConfig.{name} must be one of {choices}, got {value!r}")
-        for name in ("cudagraphs", "max_autotune"):
+        for name in ("cudagraphs", "max_autotune", "gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SNLPConfig.{name} must be True or False, got {getattr(self, name)!r}")
 

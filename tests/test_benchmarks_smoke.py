@@ -79,7 +79,7 @@ def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "speculative.json").exists()
 
 
-def test_gpu_variant_list_with_max_autotune(tmp_path, monkeypatch):
+def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
     """The GPU variant list (built on any machine): baselines in priority order, the headline spec with and
     without CUDA graphs, and with --max-autotune the autotuned baseline and autotuned timed SNLP variants."""
     monkeypatch.syspath_prepend(str(ROOT))
@@ -102,3 +102,21 @@ def test_gpu_variant_list_with_max_autotune(tmp_path, monkeypatch):
         "eager", "inductor+cg", "snlp p20 F1 K1 +cg +at", "snlp p20 F1 K1 +at", "snlp p20 F1 K20 check",
         "inductor+cg+at", "inductor",
     ]  # fmt: skip
+    args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), "--gemv"])
+    bench = common.Bench("decode", args, default_cg=True)
+    gemv = [v for v in bench.variants("d20", 20) if v.options.get("gemv")]
+    assert [v.name for v in gemv] == ["snlp p20 F1 K1 gemv"]  # CPU: no CUDA-graph variant
+
+
+@pytest.mark.parametrize("question", ["decode", "forward"])
+def test_profile_smoke(tmp_path, monkeypatch, question):
+    monkeypatch.syspath_prepend(str(ROOT))
+    profile = importlib.import_module("benchmarks.profile_gpu")
+    results = profile.main(["--smoke", "--question", question, "--snlp", "4:1", "4:1:gemv", "--out", str(tmp_path)])
+    assert [r["variant"] for r in results] == ["dynamo-eager", "snlp p4 F1 K1", "snlp p4 F1 K1 gemv"]
+    for r in results:
+        assert r["clock"] == "CPU" and r["us_per_call"] > 0 and r["top"] and sum(r["by_category_us"].values()) > 0
+    doc = json.loads((tmp_path / f"profile_{question}_tiny.json").read_text())
+    assert len(doc["results"]) == 3
+    assert profile.category("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
+    assert profile.category("triton_poi_fused_copy__permute_47") == "copy"

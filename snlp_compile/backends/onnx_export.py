@@ -36,6 +36,10 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError as missing:
         raise ImportError("ONNX export needs the onnx extra: pip install 'snlp-compile[onnx]'") from missing
+    if SNLPConfig.from_options(config).gemv:
+        raise ValueError(
+            "export_onnx: gemv=True routes linears through snlp::linear, which ONNX has no op for; use gemv=False"
+        )
     example_inputs = tuple(example_inputs)
     with torch.no_grad():
         exported = torch.export.export(model, example_inputs).module()

@@ -30,6 +30,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
 from ..kernels.attention import sdpa
+from ..kernels.stacked_linear import bias_free_linear
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
@@ -62,11 +63,20 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
 
 
 _INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
+_LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
 
 
-def _batchable_target(node: Node) -> tuple[str, object]:
+def _is_bias_free_linear(node: Node) -> bool:
+    bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    return node.op == "call_function" and node.target in _LINEAR and bias is None
+
+
+def _batchable_target(node: Node, gemv: bool) -> tuple[str, object]:
     """(op, target) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
-    where needed (`_needs_batched_attention`), index_copy_ as index_put_; otherwise the node's own."""
+    where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
+    linears through snlp::linear; otherwise the node's own."""
+    if gemv and _is_bias_free_linear(node):
+        return "call_function", bias_free_linear
     if _needs_batched_attention(node):
         return "call_function", sdpa
     if (node.op, node.target) == ("call_method", "index_copy_") or (
@@ -76,8 +86,9 @@ def _batchable_target(node: Node) -> tuple[str, object]:
     return node.op, node.target
 
 
-def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
-    """The layer as a standalone GraphModule (state, *layer.inputs) -> state."""
+def layer_module(root: GraphModule, layer: Layer, gemv: bool = False) -> GraphModule:
+    """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: bias-free
+    linears through snlp::linear (inference only: it has no autograd formula)."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
@@ -93,7 +104,7 @@ def layer_module(root: GraphModule, layer: Layer) -> GraphModule:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        op, target = _batchable_target(node)
+        op, target = _batchable_target(node, gemv)
         env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
@@ -291,7 +302,11 @@ def rewrite_stack(
                 added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
     program = StackProgram(
-        [layer_module(gm, layers[m[0]]) for m in match.groups], match.groups, batched, recipes, config
+        [layer_module(gm, layers[m[0]], config.gemv and not training) for m in match.groups],
+        match.groups,
+        batched,
+        recipes,
+        config,
     )
     added["snlp_stack"] = program
     last = layers[-1].state_out

@@ -1,0 +1,93 @@
+"""snlp::linear / snlp::stacked_linear and the Triton batched GEMV against the naive reference."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snlp_compile import SNLPConfig
+from snlp_compile.kernels.stacked_linear import bias_free_linear, linear, reference_stacked_linear, stacked_linear
+from snlp_compile.models import GPT, GPTConfig, StaticKVCache
+
+
+def test_triton_kernel_under_the_interpreter():
+    """The Triton kernel itself, run on CPU by TRITON_INTERPRET=1 (a fresh process: the flag is read at
+    import), over token counts up to 16 and sizes that are not multiples of the blocks."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent(
+        """
+        import torch
+        from snlp_compile.kernels.stacked_linear import reference_stacked_linear, triton_stacked_linear
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
+            for m, n, k in ((1, 70, 130), (3, 64, 128), (16, 5, 33)):
+                x, w = torch.randn(3, m, k, dtype=dtype), torch.randn(3, n, k, dtype=dtype)
+                y = triton_stacked_linear(x, w, block_n=32, block_k=32)
+                assert y.dtype == dtype and y.shape == (3, m, n)
+                torch.testing.assert_close(y, reference_stacked_linear(x, w), atol=tol, rtol=tol)
+        for bad in ((torch.randn(2, 17, 8), torch.randn(2, 4, 8)), (torch.randn(2, 1, 8), torch.randn(3, 4, 8))):
+            try:
+                triton_stacked_linear(*bad)
+            except ValueError as error:
+                assert "1 <= M <= 16" in str(error)
+            else:
+                raise AssertionError("bad shapes accepted")
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("x_batched", [True, False])
+def test_linear_under_vmap_is_one_stacked_call(x_batched):
+    weight = torch.randn(4, 6, 8)
+    x = torch.randn(4, 2, 3, 8) if x_batched else torch.randn(2, 3, 8)
+    out = torch.vmap(linear, in_dims=(0 if x_batched else None, 0))(x, weight)
+    expected = torch.stack([F.linear(x[i] if x_batched else x, weight[i]) for i in range(4)])
+    torch.testing.assert_close(out, expected)
+    flat = (x if x_batched else x.expand(4, *x.shape)).reshape(4, 6, 8)
+    torch.testing.assert_close(stacked_linear(flat, weight), reference_stacked_linear(flat, weight))
+
+
+@pytest.mark.parametrize("gemv, inner", [(True, "eager"), (False, "eager"), (True, "inductor")])
+@torch.no_grad()
+def test_backend_gemv_option_decodes_like_eager(monkeypatch, gemv, inner):
+    """gemv=True: the layer graphs call snlp::linear (gemv=False: plain linears); a decode step at
+    iters = depth equals eager either way."""
+    from snlp_compile.backends import dynamo
+
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(
+        dynamo, "inner_compile", lambda gm, inputs, config: graphs.append(gm) or real(gm, inputs, config)
+    )
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    prompt, token = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 1))
+    caches = [StaticKVCache(model.config, 2, 12) for _ in range(2)]
+    compiled = torch.compile(model, backend="snlp", options=dict(iters=4, inner=inner, fallback="error", gemv=gemv))
+    for cache in caches:
+        model(prompt, kv_cache=cache)
+    expected = model(token, kv_cache=caches[0])
+    out = compiled(token, kv_cache=caches[1])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)
+    targets = [n.target for n in graphs[0].snlp_stack.functions[0].graph.nodes]
+    assert targets.count(bias_free_linear) == (6 if gemv else 0)  # q, k, v, attention out, MLP in, MLP out
+
+
+def test_gemv_is_not_used_for_training_and_not_exported():
+    from snlp_compile import export_onnx
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny"))
+    idx = torch.randint(0, 64, (2, 8))
+    options = dict(iters=4, inner="eager", fallback="error", gemv=True)
+    torch.compile(model, backend="snlp", options=options)(idx).sum().backward()  # no autograd needed
+    assert model.blocks[1].mlp.c_fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gemv=True"):
+        export_onnx(model.eval(), (idx,), "/tmp/never.onnx", SNLPConfig(gemv=True))
