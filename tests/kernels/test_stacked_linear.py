@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from snlp_compile import SNLPConfig
-from snlp_compile.kernels.stacked_linear import bias_free_linear, linear, reference_stacked_linear, stacked_linear
-from snlp_compile.models import GPT, GPTConfig, StaticKVCache
+from snlp_compile.kernels.stacked_linear import linear, reference_stacked_linear, stacked_linear
+from snlp_compile.models import GPT, GPTConfig
 
 
 def test_triton_kernel_under_the_interpreter():
@@ -52,32 +52,6 @@ def test_linear_under_vmap_is_one_stacked_call(x_batched):
     torch.testing.assert_close(out, expected)
     flat = (x if x_batched else x.expand(4, *x.shape)).reshape(4, 6, 8)
     torch.testing.assert_close(stacked_linear(flat, weight), reference_stacked_linear(flat, weight))
-
-
-@pytest.mark.parametrize("gemv, inner", [(True, "eager"), (False, "eager"), (True, "inductor")])
-@torch.no_grad()
-def test_backend_gemv_option_decodes_like_eager(monkeypatch, gemv, inner):
-    """gemv=True: the layer graphs call snlp::linear (gemv=False: plain linears); a decode step at
-    iters = depth equals eager either way."""
-    from snlp_compile.backends import dynamo
-
-    graphs, real = [], dynamo.inner_compile
-    monkeypatch.setattr(
-        dynamo, "inner_compile", lambda gm, inputs, config: graphs.append(gm) or real(gm, inputs, config)
-    )
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny")).eval()
-    prompt, token = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 1))
-    caches = [StaticKVCache(model.config, 2, 12) for _ in range(2)]
-    compiled = torch.compile(model, backend="snlp", options=dict(iters=4, inner=inner, fallback="error", gemv=gemv))
-    for cache in caches:
-        model(prompt, kv_cache=cache)
-    expected = model(token, kv_cache=caches[0])
-    out = compiled(token, kv_cache=caches[1])
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)
-    targets = [n.target for n in graphs[0].snlp_stack.functions[0].graph.nodes]
-    assert targets.count(bias_free_linear) == (6 if gemv else 0)  # q, k, v, attention out, MLP in, MLP out
 
 
 def test_gemv_is_not_used_for_training_and_not_exported():

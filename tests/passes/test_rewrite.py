@@ -1,10 +1,11 @@
-"""rewrite_stack: in-place KV-cache writes of a decode step are batched over the layers."""
+"""rewrite_stack: a decode step's in-place KV-cache writes and linears are batched over the layers."""
 
 import warnings
 
 import pytest
 import torch
 
+from snlp_compile.kernels.stacked_linear import bias_free_linear
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
 from snlp_compile.passes.rewrite import index_copy_
 
@@ -19,14 +20,23 @@ def test_index_copy_equals_tensor_index_copy(dim):
     assert out is target and torch.equal(target, expected)
 
 
-def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop():
-    """iters = n_layer: the cache and logits equal the eager step's, and vmap never falls back to a
-    per-layer loop for the cache write (its warning is an error here)."""
+@pytest.mark.parametrize("gemv, inner", [(False, "eager"), (True, "eager"), (True, "inductor")])
+def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkeypatch, gemv, inner):
+    """iters = n_layer: the cache and logits equal the eager step's, vmap never falls back to a
+    per-layer loop for the cache write (its warning is an error here), and with gemv the layer
+    graphs call snlp::linear for their six linears (q, k, v, attention out, MLP in and out)."""
+    from snlp_compile.backends import dynamo
+
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(
+        dynamo, "inner_compile", lambda gm, inputs, config: graphs.append(gm) or real(gm, inputs, config)
+    )
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny")).eval()
     prompt, token = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 1))
     caches = [StaticKVCache(model.config, 2, 12) for _ in range(2)]
-    compiled = torch.compile(model, backend="snlp", options=dict(iters=4, inner="eager", fallback="error"))
+    options = dict(iters=4, inner=inner, fallback="error", gemv=gemv)
+    compiled = torch.compile(model, backend="snlp", options=options)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="There is a performance drop")
         for cache in caches:
@@ -37,3 +47,5 @@ def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop():
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)
     assert int(caches[1].pos) == int(caches[0].pos) == 6
+    targets = [n.target for n in graphs[0].snlp_stack.functions[0].graph.nodes]
+    assert targets.count(bias_free_linear) == (6 if gemv else 0)
