@@ -313,6 +313,9 @@ class SNLPRegularizer:
     def _gaps(self, calls: list[_Call], n_par: int) -> list[Tensor]:
         """R for the last n_par layers, one per iteration count K < n_par (K >= n_par is exact: zero):
         the mean over the scored layers of the per-token relative error."""
+        counts = [k for k in self.iters if k < n_par]
+        if not counts:
+            return []
         first = len(calls) - n_par
         glue = [self._glue(calls, i) for i in range(first, len(calls))]
 
@@ -329,7 +332,7 @@ class SNLPRegularizer:
         if self.detach_target:
             targets = [t.detach() for t in targets]
         gaps = []
-        for iters in (k for k in self.iters if k < n_par):
+        for iters in counts:
             trace = solve_trace(stack, h0, self.config, iters=iters)
             errors = [_relative_error(trace[j], target) for j, target in zip(scored, targets, strict=True)]
             gaps.append(torch.stack(errors).mean())
