@@ -41,7 +41,24 @@ from benchmarks.common import (
 # Kernel name substrings per category, checked in this order (the first match wins).
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
-    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "xmma", "cublas", "bmm", "addmm", "matmul", " mm")),
+    (
+        "gemm",
+        (
+            "gemm",
+            "gemv",
+            "triton_tem",
+            "cutlass",
+            "nvjet",
+            "sm90_",
+            "sm80_",
+            "xmma",
+            "cublas",
+            "bmm",
+            "addmm",
+            "matmul",
+            " mm",
+        ),
+    ),
     ("copy", ("copy", "memcpy", "memset", "cat", "index_put", "scatter")),
     ("triton", ("triton",)),
 )
@@ -141,7 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=15, help="kernels listed per variant")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per variant")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_autotune or args.gemv:
+        parser.error("--max-autotune / --gemv: name the variants instead (--snlp N_PAR:ITERS[:FUSE][:cg][:gemv])")
+    return args
 
 
 @torch.no_grad()

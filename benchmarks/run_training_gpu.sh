@@ -54,7 +54,7 @@ wait
     echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
         "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
     for r in "${runs[@]}"; do
-        echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -t'(' -k2 | head -1) (best)"
+        echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -k5,5g | head -1) (best)"
     done
 } | tee "$OUT/train_summary.txt"
 checkpoints=()

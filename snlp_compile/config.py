@@ -35,7 +35,8 @@ class SNLPConfig:
     inner:      compiler the rewritten graph goes to: "inductor" or "eager".
     fallback:   on an unsafe graph, "warn" (run it unmodified, log why) or "error" (raise).
     cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
-    max_autotune: let inductor autotune its GEMM and kernel choices (slower compile).
+    max_autotune: let inductor autotune its GEMMs and kernel configs (max_autotune and
+                coordinate_descent_tuning, as its max-autotune modes; slower compile).
     gemv:       inference: the parallel layers' bias-free linears run as one `snlp::linear` call,
                 a Triton batched GEMV on CUDA at <= 16 tokens per layer (decode), else bmm.
     prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".

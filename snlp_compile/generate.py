@@ -55,7 +55,9 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None) -> Forward:
 
     Compiled once per (model, config) and cached while the model is alive. The snlp callable uses
     static shapes (one graph per new-token count: decode steps, and each prompt length of an snlp
-    prefill), so the rewrite never sees symbolic sequence lengths.
+    prefill), so the rewrite never sees symbolic sequence lengths. Past dynamo's recompile limit
+    (`torch._dynamo.config.cache_size_limit`, 8 by default) new prompt lengths run eagerly and
+    dynamo logs it: pad prompts to a few lengths, or use prefill="sequential".
     """
     per_model = _COMPILED.setdefault(model, {})
     if config not in per_model:

@@ -181,10 +181,10 @@ class SNLPRegularizer:
             raise ValueError(f"SNLPRegularizer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if not isinstance(detach_target, bool):
             raise ValueError(f"SNLPRegularizer.detach_target must be True or False, got {detach_target!r}")
-        iters = (iters,) if isinstance(iters, int) and not isinstance(iters, bool) else tuple(iters)
-        if not iters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in iters):
+        counts = tuple(iters) if isinstance(iters, (tuple, list)) else (iters,)
+        if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
             raise ValueError(f"SNLPRegularizer.iters must be one or more integers >= 1, got {iters!r}")
-        self.iters = iters
+        self.iters = tuple(sorted(set(counts)))
         self.config = SNLPConfig(init=init, surrogate=surrogate)
         self.hyper_connections = [[m for m in b.modules() if isinstance(m, HyperConnection)] for b in self.blocks]
         has_hc = all(self.hyper_connections)

@@ -120,3 +120,4 @@ def test_profile_smoke(tmp_path, monkeypatch, question):
     assert len(doc["results"]) == 3
     assert profile.category("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
     assert profile.category("triton_poi_fused_copy__permute_47") == "copy"
+    assert profile.category("_stacked_gemv_kernel") == profile.category("triton_tem_fused_mm_0") == "gemm"

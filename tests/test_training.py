@@ -268,6 +268,7 @@ def test_several_iteration_counts_average_their_terms():
         (dict(iters=0), "iters"),
         (dict(iters=()), "iters"),
         (dict(iters=(1, True)), "iters"),
+        (dict(iters=1.5), "iters"),
         (dict(init="zeros"), "init"),
     ],
 )

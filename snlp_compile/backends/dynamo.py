@@ -42,8 +42,10 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig)
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"triton.cudagraphs": config.cudagraphs, "max_autotune": config.max_autotune}
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    patches = {"triton.cudagraphs": config.cudagraphs}
+    if config.max_autotune:  # what inductor's own max-autotune modes switch on
+        patches.update(max_autotune=True, coordinate_descent_tuning=True)
+    return compile_fx(gm, list(example_inputs), config_patches={k: v for k, v in patches.items() if v})
 
 
 def is_training(example_inputs: Sequence) -> bool:

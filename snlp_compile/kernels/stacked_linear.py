@@ -52,7 +52,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        layer = tl.program_id(0)
+        layer = tl.program_id(0).to(tl.int64)  # layer * stride overflows int32 on large stacks
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -96,8 +96,10 @@ def triton_stacked_linear(x: Tensor, weight: Tensor, block_n: int = 64, block_k:
 
 @torch.library.custom_op("snlp::stacked_linear", mutates_args=())
 def stacked_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x [L, M, K] @ weight[L, N, K]^T -> [L, M, N]: the Triton GEMV on CUDA for small M, else bmm."""
-    if x.is_cuda and triton is not None and x.shape[1] <= GEMV_MAX_TOKENS:
+    """x [L, M, K] @ weight[L, N, K]^T -> [L, M, N]: the Triton GEMV on CUDA for 16-bit inputs and
+    1 <= M <= GEMV_MAX_TOKENS, else bmm (float32 stays off the kernel: tl.dot would round it to TF32)."""
+    half = x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+    if x.is_cuda and triton is not None and half and 1 <= x.shape[1] <= GEMV_MAX_TOKENS:
         return triton_stacked_linear(x, weight)
     return torch.bmm(x, weight.transpose(1, 2))
 
@@ -121,7 +123,9 @@ def _(x, weight):
 def _vmap(info, in_dims, x, weight):
     n = info.batch_size
     x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(n, *x.shape)
-    weight = weight.movedim(in_dims[1], 0) if in_dims[1] is not None else weight.expand(n, *weight.shape)
+    if in_dims[1] is None:  # one weight shared by every layer: a plain linear, no per-layer copies
+        return F.linear(x, weight), 0
+    weight = weight.movedim(in_dims[1], 0)
     out = stacked_linear(x.reshape(n, -1, x.shape[-1]), weight)
     return out.reshape(*x.shape[:-1], weight.shape[1]), 0
 
@@ -129,8 +133,8 @@ def _vmap(info, in_dims, x, weight):
 linear.register_vmap(_vmap)
 
 
-def bias_free_linear(x: Tensor, weight: Tensor, bias: None = None) -> Tensor:
-    """Drop-in for a bias-free F.linear call in a rewritten graph, through snlp::linear."""
+def bias_free_linear(input: Tensor, weight: Tensor, bias: None = None) -> Tensor:
+    """Drop-in for a bias-free F.linear call in a rewritten graph (same argument names), through snlp::linear."""
     if bias is not None:
         raise ValueError("bias_free_linear: bias must be None")
-    return linear(x, weight)
+    return linear(input, weight)

@@ -59,7 +59,8 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
     the new positions of every layer (vmap has no rule for index_copy_: it loops over the layers, and
     functionalisation turns that loop into whole-cache copies)."""
     dim = dim % target.dim()
-    return torch.ops.aten.index_put_(target, [None] * dim + [index], source)
+    target.movedim(dim, 0).index_put_((index,), source.movedim(dim, 0))  # a view: writes reach target
+    return target
 
 
 _INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
@@ -67,8 +68,12 @@ _LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.
 
 
 def _is_bias_free_linear(node: Node) -> bool:
+    """A linear with no bias and a 2-D weight (what snlp::linear computes)."""
+    if node.op != "call_function" or node.target not in _LINEAR or len(node.args) < 2:
+        return False
     bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
-    return node.op == "call_function" and node.target in _LINEAR and bias is None
+    weight = example_value(node.args[1]) if isinstance(node.args[1], Node) else None
+    return bias is None and isinstance(weight, Tensor) and weight.dim() == 2
 
 
 def _batchable_target(node: Node, gemv: bool) -> tuple[str, object]:
@@ -236,15 +241,17 @@ def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
 def _graph_module_with(root: GraphModule, graph: Graph, added: dict[str, Tensor | nn.Module]) -> GraphModule:
     """GraphModule(root, graph) for a graph that also reads `added` (new buffers and submodules). `root`
     is left as it was, so the backend can still compile the original graph when it falls back."""
-    for name, value in added.items():
-        if isinstance(value, nn.Module):
-            root.add_submodule(name, value)
-        else:
-            root.register_buffer(name, value, persistent=False)
+    registered = []
     try:
+        for name, value in added.items():
+            if isinstance(value, nn.Module):
+                root.add_submodule(name, value)
+            else:
+                root.register_buffer(name, value, persistent=False)
+            registered.append(name)
         return GraphModule(root, graph)
     finally:
-        for name in added:
+        for name in registered:
             delattr(root, name)
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from snlp_compile import SNLPConfig
 from snlp_compile.kernels.stacked_linear import linear, reference_stacked_linear, stacked_linear
@@ -26,6 +27,7 @@ def test_triton_kernel_under_the_interpreter():
             for m, n, k in ((1, 70, 130), (3, 64, 128), (16, 5, 33)):
                 x, w = torch.randn(3, m, k, dtype=dtype), torch.randn(3, n, k, dtype=dtype)
                 y = triton_stacked_linear(x, w, block_n=32, block_k=32)
+                torch.testing.assert_close(triton_stacked_linear(x, w), y, atol=tol, rtol=tol)  # default blocks
                 assert y.dtype == dtype and y.shape == (3, m, n)
                 torch.testing.assert_close(y, reference_stacked_linear(x, w), atol=tol, rtol=tol)
         for bad in ((torch.randn(2, 17, 8), torch.randn(2, 4, 8)), (torch.randn(2, 1, 8), torch.randn(3, 4, 8))):
@@ -43,15 +45,37 @@ def test_triton_kernel_under_the_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+class OpLog(TorchDispatchMode):
+    """Records the ops that reach dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("x_batched", [True, False])
 def test_linear_under_vmap_is_one_stacked_call(x_batched):
     weight = torch.randn(4, 6, 8)
     x = torch.randn(4, 2, 3, 8) if x_batched else torch.randn(2, 3, 8)
-    out = torch.vmap(linear, in_dims=(0 if x_batched else None, 0))(x, weight)
+    with OpLog() as log:
+        out = torch.vmap(linear, in_dims=(0 if x_batched else None, 0))(x, weight)
+    assert log.ops.count(torch.ops.snlp.stacked_linear.default) == 1
     expected = torch.stack([F.linear(x[i] if x_batched else x, weight[i]) for i in range(4)])
     torch.testing.assert_close(out, expected)
     flat = (x if x_batched else x.expand(4, *x.shape)).reshape(4, 6, 8)
     torch.testing.assert_close(stacked_linear(flat, weight), reference_stacked_linear(flat, weight))
+
+
+def test_a_weight_shared_by_all_layers_is_one_plain_linear():
+    x, weight = torch.randn(4, 3, 8), torch.randn(6, 8)
+    with OpLog() as log:
+        out = torch.vmap(linear, in_dims=(0, None))(x, weight)
+    assert torch.ops.snlp.stacked_linear.default not in log.ops
+    torch.testing.assert_close(out, F.linear(x, weight))
 
 
 def test_gemv_is_not_used_for_training_and_not_exported():

@@ -20,6 +20,17 @@ def test_index_copy_equals_tensor_index_copy(dim):
     assert out is target and torch.equal(target, expected)
 
 
+def test_index_copy_under_vmap_with_a_per_layer_index():
+    """Each layer writes its own positions (a batched index): vmap still gives every layer's own write."""
+    caches, sources = torch.zeros(3, 2, 2, 6, 4), torch.randn(3, 2, 2, 1, 4)
+    index = torch.tensor([[1], [4], [0]])
+    expected = torch.stack([caches[i].clone().index_copy_(2, index[i], sources[i]) for i in range(3)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="There is a performance drop")
+        torch.vmap(index_copy_, in_dims=(0, None, 0, 0))(caches, 2, index, sources)
+    assert torch.equal(caches, expected)
+
+
 @pytest.mark.parametrize("gemv, inner", [(False, "eager"), (True, "eager"), (True, "inductor")])
 def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkeypatch, gemv, inner):
     """iters = n_layer: the cache and logits equal the eager step's, vmap never falls back to a
