@@ -44,8 +44,10 @@ if triton is not None:
         K,
         stride_xl,
         stride_xm,
+        stride_xk,
         stride_wl,
         stride_wn,
+        stride_wk,
         stride_yl,
         stride_ym,
         BLOCK_M: tl.constexpr,
@@ -59,12 +61,12 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(
-                x_ptr + layer * stride_xl + offs_m[:, None] * stride_xm + offs_k[None, :],
+                x_ptr + layer * stride_xl + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
                 other=0.0,
             )
             w = tl.load(
-                w_ptr + layer * stride_wl + offs_n[:, None] * stride_wn + offs_k[None, :],
+                w_ptr + layer * stride_wl + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
                 other=0.0,
             )
@@ -84,11 +86,10 @@ def triton_stacked_linear(x: Tensor, weight: Tensor, block_n: int = 64, block_k:
             f"triton_stacked_linear: x [L, M, K] with 1 <= M <= {GEMV_MAX_TOKENS} and weight [L, N, K], "
             f"got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    x, weight = x.contiguous(), weight.contiguous()
     y = x.new_empty((L, M, N))
     grid = (L, triton.cdiv(N, block_n))
-    _stacked_gemv_kernel[grid](
-        x, weight, y, M, N, K, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+    _stacked_gemv_kernel[grid](  # any strides: the stacked weights are read where they lie, never copied
+        x, weight, y, M, N, K, *x.stride(), *weight.stride(), y.stride(0), y.stride(1),
         BLOCK_M=GEMV_MAX_TOKENS, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return y

@@ -28,6 +28,8 @@ def test_triton_kernel_under_the_interpreter():
                 x, w = torch.randn(3, m, k, dtype=dtype), torch.randn(3, n, k, dtype=dtype)
                 y = triton_stacked_linear(x, w, block_n=32, block_k=32)
                 torch.testing.assert_close(triton_stacked_linear(x, w), y, atol=tol, rtol=tol)  # default blocks
+                w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided: read in place
+                torch.testing.assert_close(triton_stacked_linear(x, w_t), y, atol=tol, rtol=tol)
                 assert y.dtype == dtype and y.shape == (3, m, n)
                 torch.testing.assert_close(y, reference_stacked_linear(x, w), atol=tol, rtol=tol)
         for bad in ((torch.randn(2, 17, 8), torch.randn(2, 4, 8)), (torch.randn(2, 1, 8), torch.randn(3, 4, 8))):
