@@ -255,7 +255,8 @@ class SNLPRegularizer:
         SNLPRegularizer._solving = True
         try:
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                terms = [term for n in self.n_par for term in self._gaps(calls, n)]
+                mixes = self._block_mixes() if self.use_hc else None  # once per loss, shared by every n_par
+                terms = [term for n in self.n_par for term in self._gaps(calls, n, mixes)]
         finally:
             SNLPRegularizer._solving = False
         if not terms:
@@ -292,25 +293,33 @@ class SNLPRegularizer:
         r = model.resid_lambdas[index]
         return r, calls[index].state - r * calls[index - 1].output
 
-    def _surrogate(self, glue: list[tuple[Tensor, Tensor] | None], first: int) -> Surrogate:
-        """J of the parallel layers from `first` on: HCN mixing and/or the glue's resid_lambdas scale."""
+    def _block_mixes(self) -> list[Tensor]:
+        """Per block, the product of its HyperConnections' H_res in execution order (float32)."""
+        h_res = _h_res([hc for hcs in self.hyper_connections for hc in hcs])
+        mixes = []
+        for hcs in self.hyper_connections:
+            mix = torch.eye(hcs[0].res_logits.shape[-1], device=self._device)
+            for hc in hcs:
+                mix = h_res[id(hc)] @ mix
+            mixes.append(mix)
+        return mixes
+
+    def _surrogate(
+        self, glue: list[tuple[Tensor, Tensor] | None], first: int, mixes: list[Tensor] | None = None
+    ) -> Surrogate:
+        """J of the parallel layers from `first` on: HCN mixing (`mixes`, from `_block_mixes`) and/or the
+        glue's resid_lambdas scale."""
         scales = [None if g is None else g[0] for g in glue]
         if self.use_hc:
-            per_block = self.hyper_connections[first:]
-            h_res = _h_res([hc for hcs in per_block for hc in hcs])
-            values = []
-            for hcs, r in zip(per_block, scales, strict=True):
-                mix = torch.eye(hcs[0].res_logits.shape[-1], device=self._device)
-                for hc in hcs:
-                    mix = h_res[id(hc)] @ mix
-                values.append(mix if r is None else r * mix)
+            mixes = self._block_mixes() if mixes is None else mixes
+            values = [mix if r is None else r * mix for mix, r in zip(mixes[first:], scales, strict=True)]
             return Surrogate("mix", torch.stack(values))
         if self.config.surrogate == "auto" and any(r is not None for r in scales):
             one = torch.ones((), device=self._device)
             return Surrogate("scale", torch.stack([one if r is None else r.float() for r in scales]))
         return IDENTITY
 
-    def _gaps(self, calls: list[_Call], n_par: int) -> list[Tensor]:
+    def _gaps(self, calls: list[_Call], n_par: int, mixes: list[Tensor] | None) -> list[Tensor]:
         """R for the last n_par layers, one per iteration count K < n_par (K >= n_par is exact: zero):
         the mean over the scored layers of the per-token relative error."""
         counts = [k for k in self.iters if k < n_par]
@@ -325,7 +334,7 @@ class SNLPRegularizer:
                 return lambda h: block(h, *call.args, **call.kwargs)
             return lambda h: block(g[0] * h + g[1], *call.args, **call.kwargs)
 
-        stack = CallableStack([layer(i) for i in range(n_par)], self._surrogate(glue, first))
+        stack = CallableStack([layer(i) for i in range(n_par)], self._surrogate(glue, first, mixes))
         h0 = calls[first - 1].output if first > 0 else calls[0].state
         scored = [n_par - 1] if self.stride == 0 else list(range(self.stride - 1, n_par, self.stride))
         targets = [calls[first + j].output for j in scored]
