@@ -7,7 +7,8 @@
 # GPT_WEIGHTS and MHC_WEIGHTS override it per model), NPAR (default "4 8"), WARMUP (default 100),
 # EXTRA (more train_char_lm.py flags for the regularised runs, e.g. "--reg-iters 1 2"), TRAIN_FLAGS
 # (flags for every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped
-# and evaluated at its best checkpoint so far; default none), PYTHON. Writes
+# and evaluated at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised
+# runs, e.g. when a run of the same code, steps and seed already measured them; default 1), PYTHON. Writes
 # OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
 # OUT_DIR/train_summary.txt and the per-run logs.
 set -uo pipefail
@@ -27,6 +28,7 @@ NPAR=${NPAR:-4 8}
 WARMUP=${WARMUP:-100}
 EXTRA=${EXTRA:-}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
+BASELINES=${BASELINES:-1}
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a word list
 TRAIN=(timeout -s INT "$TRAIN_LIMIT" "$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
     --eval-every 100 --steps "$STEPS" $TRAIN_FLAGS)
@@ -39,8 +41,10 @@ launch() {  # launch NAME ARGS...: one training in the background, logged to OUT
     "${TRAIN[@]}" "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1 &
 }
 start=$SECONDS
-launch gpt_base --model gpt
-launch mhc_base --model mhc
+if ((BASELINES)); then
+    launch gpt_base --model gpt
+    launch mhc_base --model mhc
+fi
 # shellcheck disable=SC2086  # NPAR and EXTRA are word lists
 for w in $GPT_WEIGHTS; do
     launch "gpt_reg_w$w" --model gpt --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" $EXTRA
@@ -52,7 +56,7 @@ done
 wait
 {
     echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
-        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP EXTRA=$EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
+        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP BASELINES=$BASELINES EXTRA=$EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
     for r in "${runs[@]}"; do
         echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -k5,5g | head -1) (best)"
     done

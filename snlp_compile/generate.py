@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,26 +51,29 @@ def _forward(model: nn.Module, idx: Tensor, kv_cache: StaticKVCache) -> Tensor:
     return model(idx, kv_cache=kv_cache)
 
 
-def compiled_forward(model: nn.Module, config: SNLPConfig | None) -> Forward:
+def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
     """`(idx, kv_cache) -> logits` of `model` compiled with the snlp backend (inductor when config is None).
 
-    Compiled once per (model, config) and cached while the model is alive. The snlp callable uses
+    cudagraphs applies to the sequential (config None) compile: inductor's "reduce-overhead" mode;
+    an SNLP config carries its own. Compiled once per (model, config, cudagraphs) and cached while
+    the model is alive. The snlp callable uses
     static shapes (one graph per new-token count: decode steps, and each prompt length of an snlp
     prefill), so the rewrite never sees symbolic sequence lengths. Past dynamo's recompile limit
     (`torch._dynamo.config.cache_size_limit`, 8 by default) new prompt lengths run eagerly and
     dynamo logs it: pad prompts to a few lengths, or use prefill="sequential".
     """
     per_model = _COMPILED.setdefault(model, {})
-    if config not in per_model:
+    key = config if config is not None else ("sequential", cudagraphs)
+    if key not in per_model:
         if config is None:
-            per_model[config] = torch.compile(_forward, **_ISOLATE)
+            mode = "reduce-overhead" if cudagraphs else None
+            per_model[key] = torch.compile(_forward, mode=mode, **_ISOLATE)
         else:
             options = dataclasses.asdict(config)
-            per_model[config] = torch.compile(
-                _forward, backend=snlp_backend, options=options, dynamic=False, **_ISOLATE
-            )
-        logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, config or "inductor (sequential)")
-    compiled = per_model[config]
+            per_model[key] = torch.compile(_forward, backend=snlp_backend, options=options, dynamic=False, **_ISOLATE)
+        what = config or f"inductor (sequential{', CUDA graphs' if cudagraphs else ''})"
+        logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, what)
+    compiled = per_model[key]
     return lambda idx, kv_cache: compiled(model, idx, kv_cache)
 
 
@@ -327,7 +331,8 @@ def stream(
 
     model: a `snlp_compile.models` decoder (forward(idx, kv_cache) -> logits, `.config` a GPTConfig).
     prompt_ids: int tensor [T] or [B, T], ids in [0, vocab_size), T + max_new_tokens <= sequence_len.
-    config: SNLPConfig (or its fields) of the SNLP model; None = SNLPConfig(); unused in "sequential".
+    config: SNLPConfig (or its fields) of the SNLP model; None = SNLPConfig(); in "sequential" mode
+        only its cudagraphs field is used (for compile_sequential).
     mode: "sequential" (the model itself), "snlp" (decode steps through the SNLP-compiled model;
         the prompt too when config.prefill == "snlp"), "speculative" (SNLP drafts, sequential
         verification: the sequential model's output distribution, exactly).
@@ -337,7 +342,8 @@ def stream(
     kv_cache: a cache to reuse (reset first) instead of allocating one; reusing one of fixed size
         avoids dynamo recompiling for a new cache shape.
     compile_sequential: run the sequential forwards (mode "sequential", prefill, verification)
-        through torch.compile with inductor.
+        through torch.compile with inductor, with CUDA graphs ("reduce-overhead") when
+        config.cudagraphs is on.
 
     Returns a TokenStream of [B, n] chunks: one token per step, or each verified chunk in
     speculative mode. Grad mode is off inside each step only; the model's weights are not touched.
@@ -354,7 +360,7 @@ def stream(
     _check_cache(kv_cache, batch, needed, weight.device)
     kv_cache.reset()
 
-    exact = compiled_forward(model, None) if compile_sequential else lambda idx, cache: model(idx, kv_cache=cache)
+    exact = compiled_forward(model, None, snlp_config.cudagraphs) if compile_sequential else partial(_forward, model)
     sampler = Sampler(float(temperature), top_k, generator)
     stats = GenerationStats(mode=mode, batch_size=batch, prompt_len=prompt.size(1))
     if mode == "sequential":
