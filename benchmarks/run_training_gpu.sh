@@ -4,13 +4,15 @@
 # validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
 #     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
 # Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2";
-# GPT_WEIGHTS and MHC_WEIGHTS override it per model), NPAR (default "4 8"), WARMUP (default 100),
-# EXTRA (more train_char_lm.py flags for the regularised runs, e.g. "--reg-iters 1 2"), TRAIN_FLAGS
-# (flags for every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped
-# and evaluated at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised
-# runs, e.g. when a run of the same code, steps and seed already measured them; default 1), PYTHON. Writes
+# GPT_WEIGHTS and MHC_WEIGHTS override it per model, empty: no regularised run of that model), NPAR
+# (default "4 8"), WARMUP (default 100), EXTRA (more train_char_lm.py flags for the regularised runs,
+# e.g. "--reg-iters 1 2"; GPT_EXTRA and MHC_EXTRA override it per model), TRAIN_FLAGS (flags for
+# every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped and evaluated
+# at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised runs, e.g.
+# when a run of the same code, steps and seed already measured them; default 1), PYTHON. Writes
 # OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
-# OUT_DIR/train_summary.txt and the per-run logs.
+# OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaks near 31 GiB
+# and a GPT one near 17 GiB (n_par 4 8, K 1 2), so four regularised runs do not fit one 80 GB GPU.
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
 OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
@@ -21,12 +23,14 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-800}
 WEIGHTS=${WEIGHTS:-0.5 2}
-GPT_WEIGHTS=${GPT_WEIGHTS:-$WEIGHTS}
-MHC_WEIGHTS=${MHC_WEIGHTS:-$WEIGHTS}
+GPT_WEIGHTS=${GPT_WEIGHTS-$WEIGHTS}
+MHC_WEIGHTS=${MHC_WEIGHTS-$WEIGHTS}
 TRAIN_LIMIT=${TRAIN_LIMIT:-0}
 NPAR=${NPAR:-4 8}
 WARMUP=${WARMUP:-100}
 EXTRA=${EXTRA:-}
+GPT_EXTRA=${GPT_EXTRA:-$EXTRA}
+MHC_EXTRA=${MHC_EXTRA:-$EXTRA}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 BASELINES=${BASELINES:-1}
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a word list
@@ -45,18 +49,18 @@ if ((BASELINES)); then
     launch gpt_base --model gpt
     launch mhc_base --model mhc
 fi
-# shellcheck disable=SC2086  # NPAR and EXTRA are word lists
+# shellcheck disable=SC2086  # NPAR and *_EXTRA are word lists
 for w in $GPT_WEIGHTS; do
-    launch "gpt_reg_w$w" --model gpt --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" $EXTRA
+    launch "gpt_reg_w$w" --model gpt --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" $GPT_EXTRA
 done
 # shellcheck disable=SC2086
 for w in $MHC_WEIGHTS; do
-    launch "mhc_reg_w$w" --model mhc --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" --reg-surrogate hc $EXTRA
+    launch "mhc_reg_w$w" --model mhc --reg-weight "$w" --reg-n-par $NPAR --reg-warmup "$WARMUP" --reg-surrogate hc $MHC_EXTRA
 done
 wait
 {
     echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
-        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP BASELINES=$BASELINES EXTRA=$EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
+        "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP BASELINES=$BASELINES GPT_EXTRA=$GPT_EXTRA MHC_EXTRA=$MHC_EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
     for r in "${runs[@]}"; do
         echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -k5,5g | head -1) (best)"
     done
