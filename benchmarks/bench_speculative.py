@@ -59,6 +59,19 @@ def _timed(run, device: torch.device):
     return result, time.perf_counter() - start
 
 
+@torch.no_grad()
+def divergence(model: torch.nn.Module, reference: torch.Tensor, tokens: torch.Tensor, prompt_len: int) -> str:
+    """ "same" when tokens equal the sequential reference [1, T]; else where the first new token differs
+    and the gap between the two largest logits of one eager full-sequence forward of the reference at
+    that point: a gap near the dtype's resolution is a near-tie that rounding decides, not a wrong rule."""
+    differ = (tokens != reference)[0].nonzero()
+    if differ.numel() == 0:
+        return "same"
+    first = int(differ[0])
+    top2 = model(reference[:, :first])[0, -1].float().topk(2).values
+    return f"differs from new token {first - prompt_len} (top-2 logit gap {float(top2[0] - top2[1]):.2g})"
+
+
 def load_model(preset: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> torch.nn.Module:
     """The preset's GPT with random weights, or with --checkpoint's (a state_dict, or a train_char_lm.py
     checkpoint {"model": "gpt", "config", "state_dict"} whose config overrides the preset's)."""
@@ -112,12 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
 
         reference, seconds = _timed(lambda run=run: run("sequential"), device)
-        rows = [dict(preset=preset, mode="sequential", draft_len=None, seconds=seconds, exact=True, acceptance=None)]
+        rows = [dict(preset=preset, mode="sequential", draft_len=None, seconds=seconds, exact="same", acceptance=None)]
         out, seconds = _timed(lambda run=run: run("snlp"), device)
-        agree = (out.tokens == reference.tokens).float().mean().item()
-        rows.append(
-            dict(preset=preset, mode="snlp", draft_len=None, seconds=seconds, exact=agree == 1.0, acceptance=None)
-        )
+        exact = divergence(model, reference.tokens, out.tokens, context)
+        rows.append(dict(preset=preset, mode="snlp", draft_len=None, seconds=seconds, exact=exact, acceptance=None))
         for draft_len in args.draft_len:
             out, seconds = _timed(lambda run=run, k=draft_len: run("speculative", k), device)
             rows.append(
@@ -126,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     mode="speculative",
                     draft_len=draft_len,
                     seconds=seconds,
-                    exact=bool(torch.equal(out.tokens, reference.tokens)),
+                    exact=divergence(model, reference.tokens, out.tokens, context),
                     acceptance=out.stats.acceptance_rate,
                 )
             )
@@ -145,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{r['tokens_per_s']:.1f}",
             f"{r['speedup']:.2f}",
             "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
-            str(r["exact"]),
+            r["exact"],
         ]
         for r in doc["rows"]
     ]

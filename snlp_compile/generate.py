@@ -17,10 +17,10 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,12 +43,18 @@ MODES = ("snlp", "sequential", "speculative")
 Forward = Callable[[Tensor, StaticKVCache], Tensor]
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[Any, Callable]] = weakref.WeakKeyDictionary()
-_ISOLATE = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def _forward(model: nn.Module, idx: Tensor, kv_cache: StaticKVCache) -> Tensor:
     """The function handed to torch.compile: the model is an argument, so the cache does not own it."""
     return model(idx, kv_cache=kv_cache)
+
+
+def _fresh_forward() -> Callable[[nn.Module, Tensor, StaticKVCache], Tensor]:
+    """`_forward` with a code object of its own. Dynamo keeps its compiled graphs, and counts them
+    against its recompile limit, per code object: one copy per compile keeps the graphs of
+    different models and configs from evicting each other into eager fallbacks."""
+    return types.FunctionType(_forward.__code__.replace(), _forward.__globals__, _forward.__name__)
 
 
 def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
@@ -67,10 +73,10 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bo
     if key not in per_model:
         if config is None:
             mode = "reduce-overhead" if cudagraphs else None
-            per_model[key] = torch.compile(_forward, mode=mode, **_ISOLATE)
+            per_model[key] = torch.compile(_fresh_forward(), mode=mode)
         else:
             options = dataclasses.asdict(config)
-            per_model[key] = torch.compile(_forward, backend=snlp_backend, options=options, dynamic=False, **_ISOLATE)
+            per_model[key] = torch.compile(_fresh_forward(), backend=snlp_backend, options=options, dynamic=False)
         what = config or f"inductor (sequential{', CUDA graphs' if cudagraphs else ''})"
         logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, what)
     compiled = per_model[key]

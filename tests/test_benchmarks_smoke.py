@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from snlp_compile.models import GPT, GPTConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ["eager", "dynamo-eager"]
 
@@ -75,8 +77,22 @@ def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
     modes = [r["mode"] for r in doc["rows"]]
     assert modes == ["sequential", "snlp", "speculative"]
     speculative = doc["rows"][-1]
-    assert speculative["exact"] and 0.0 <= speculative["acceptance"] <= 1.0
+    assert speculative["exact"] == "same" and 0.0 <= speculative["acceptance"] <= 1.0
     assert (tmp_path / "speculative.json").exists()
+
+
+def test_speculative_divergence_names_the_first_differing_token_and_its_logit_gap(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    divergence = importlib.import_module("benchmarks.bench_speculative").divergence
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    reference = torch.randint(0, 64, (1, 9))
+    assert divergence(model, reference, reference.clone(), 5) == "same"
+    other = reference.clone()
+    other[0, 7] = (other[0, 7] + 1) % 64
+    logits = model(reference[:, :7])[0, -1].topk(2).values
+    gap = f"{float(logits[0] - logits[1]):.2g}"
+    assert divergence(model, reference, other, 5) == f"differs from new token 2 (top-2 logit gap {gap})"
 
 
 def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):

@@ -176,6 +176,17 @@ def test_compiled_once_per_model_and_config(gpt):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiles_of_different_models_and_configs_do_not_share_a_recompile_limit(models):
+    """Each (model, config) compile owns its dynamo cache: with a limit of one graph per code object,
+    two models and two configs still compile (the autouse fixture turns a limit hit into an error)."""
+    idx = torch.randint(0, 100, (BATCH, 1))
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        for model in models.values():
+            for config in (None, dataclasses.replace(CHEAP, fuse=2)):
+                cache = _cache(model)
+                compiled_forward(model, config)(idx, cache)
+
+
 def test_one_dim_prompt_and_default_cache(gpt):
     prompt = torch.tensor([5, 9, 2], dtype=torch.int32)
     out = generate(gpt, prompt, 4, mode="sequential")

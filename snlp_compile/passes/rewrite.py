@@ -57,9 +57,17 @@ def _needs_batched_attention(node: Node) -> bool:
 def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:
     """`target.index_copy_(dim, index, source)` as `aten.index_put_`, which vmap batches into one write of
     the new positions of every layer (vmap has no rule for index_copy_: it loops over the layers, and
-    functionalisation turns that loop into whole-cache copies)."""
+    functionalisation turns that loop into whole-cache copies).
+
+    An index shared by the layers writes through `index_put_` on `target` itself (inductor turns it
+    into an in-place scatter of the new positions); a per-layer (vmap-batched) index needs the dim-0
+    form, which vmap's rule handles correctly (its rule for a leading None index writes wrong slots).
+    """
     dim = dim % target.dim()
-    target.movedim(dim, 0).index_put_((index,), source.movedim(dim, 0))  # a view: writes reach target
+    if dim == 0 or not torch._C._functorch.is_batchedtensor(index):
+        torch.ops.aten.index_put_(target, [None] * dim + [index], source)
+    else:
+        target.movedim(dim, 0).index_put_((index,), source.movedim(dim, 0))  # a view: writes reach target
     return target
 
 
