@@ -39,8 +39,9 @@ from .surrogate import SurrogateRecipe, evaluate_recipe
 
 def _needs_batched_attention(node: Node) -> bool:
     """Route an SDPA call through snlp::attention where vmap's own batching falls short: on CPU
-    (no batching rule: a loop over layers) and on CUDA with a mask and batch > 1 (the efficient
-    kernel rejects the vmapped mask). Elsewhere vmap's rule is kept: it lets inductor see SDPA."""
+    (no batching rule: a loop over layers) and on CUDA with a mask where SDPA picks its efficient
+    kernel, which rejects the vmapped mask: batch > 1, or a float32 query at any batch. Elsewhere
+    (16-bit, batch 1) vmap's rule is kept: it lets inductor see SDPA."""
     if (
         node.target is not F.scaled_dot_product_attention
         or node.kwargs.get("dropout_p")
@@ -51,7 +52,8 @@ def _needs_batched_attention(node: Node) -> bool:
     if not isinstance(query, Tensor) or query.device.type != "cuda":
         return True
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    return mask is not None and query.dim() > 3 and query.shape[0] != 1
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    return mask is not None and query.dim() > 3 and (query.shape[0] != 1 or not half)
 
 
 def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:

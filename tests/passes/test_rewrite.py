@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from snlp_compile.kernels.stacked_linear import bias_free_linear
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
-from snlp_compile.passes.rewrite import index_copy_
+from snlp_compile.passes.rewrite import _needs_batched_attention, index_copy_
 
 
 @pytest.mark.parametrize("dim", [2, -2])
@@ -60,3 +61,22 @@ def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkey
     assert int(caches[1].pos) == int(caches[0].pos) == 6
     targets = [n.target for n in graphs[0].snlp_stack.functions[0].graph.nodes]
     assert targets.count(bias_free_linear) == (6 if gemv else 0)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, batch, masked, expected",
+    [
+        ("cpu", torch.float32, 1, False, True),  # CPU: no batching rule for the flash kernel
+        ("cuda", torch.bfloat16, 1, True, False),  # vmap's rule: inductor sees SDPA
+        ("cuda", torch.bfloat16, 2, True, True),  # the efficient kernel rejects the vmapped mask
+        ("cuda", torch.float32, 1, True, True),  # float32 picks the efficient kernel at batch 1 too
+        ("cuda", torch.float32, 1, False, False),
+    ],
+)
+def test_which_attention_calls_take_the_batched_op(device, dtype, batch, masked, expected):
+    graph = torch.fx.Graph()
+    q, k, v, mask = (graph.placeholder(name) for name in "qkvm")
+    with torch._subclasses.FakeTensorMode():
+        q.meta["val"] = torch.empty(batch, 2, 3, 8, dtype=dtype, device=device)
+    node = graph.call_function(F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask} if masked else {})
+    assert _needs_batched_attention(node) is expected
