@@ -160,31 +160,37 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update(train=[], val=[], best_step=None, best_val=None)
     start = time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc=args.out.name, dynamic_ncols=True)
-    for step in bar:
-        ce_sum = reg_sum = 0.0
-        for _ in range(args.accum):
-            x, y = (t.to(args.device) for t in random_batch(train, args.batch, args.seq, generator))
-            with autocast(args.device, args.dtype):
-                logits = forward(x)
-                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                penalty = reg.loss()
-            ((ce + penalty) / args.accum).backward()
-            ce_sum, reg_sum = ce_sum + ce.item() / args.accum, reg_sum + penalty.item() / args.accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        schedule.step()
-        reg.step()
-        metrics["train"].append(dict(step=step, ce=ce_sum, reg=reg_sum))
-        bar.set_postfix(ce=f"{ce_sum:.3f}", reg=f"{reg_sum:.4f}")
-        if step % args.eval_every == 0 or step == args.steps:
-            loss = val_loss(model, val_set, args.device, args.dtype)
-            metrics["val"].append(dict(step=step, loss=loss, seconds=time.perf_counter() - start))
-            bar.write(f"step {step}: val loss {loss:.4f} (ppl {math.exp(loss):.3f})")
-            if metrics["best_val"] is None or loss < metrics["best_val"]:
-                metrics["best_step"], metrics["best_val"] = step, loss
-                checkpoint = dict(model=args.model, config=dict(vars(config)), state_dict=model.state_dict(), step=step)
-                torch.save(checkpoint, args.out / "model.pt")
+    metrics["interrupted"] = False
+    try:  # Ctrl-C / SIGINT (e.g. a time limit) stops training; curves and best checkpoint are kept
+        for step in bar:
+            ce_sum = reg_sum = 0.0
+            for _ in range(args.accum):
+                x, y = (t.to(args.device) for t in random_batch(train, args.batch, args.seq, generator))
+                with autocast(args.device, args.dtype):
+                    logits = forward(x)
+                    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                    penalty = reg.loss()
+                ((ce + penalty) / args.accum).backward()
+                ce_sum, reg_sum = ce_sum + ce.item() / args.accum, reg_sum + penalty.item() / args.accum
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            schedule.step()
+            reg.step()
+            metrics["train"].append(dict(step=step, ce=ce_sum, reg=reg_sum))
+            bar.set_postfix(ce=f"{ce_sum:.3f}", reg=f"{reg_sum:.4f}")
+            if step % args.eval_every == 0 or step == args.steps:
+                loss = val_loss(model, val_set, args.device, args.dtype)
+                metrics["val"].append(dict(step=step, loss=loss, seconds=time.perf_counter() - start))
+                bar.write(f"step {step}: val loss {loss:.4f} (ppl {math.exp(loss):.3f})")
+                if metrics["best_val"] is None or loss < metrics["best_val"]:
+                    metrics["best_step"], metrics["best_val"] = step, loss
+                    state = model.state_dict()
+                    checkpoint = dict(model=args.model, config=dict(vars(config)), state_dict=state, step=step)
+                    torch.save(checkpoint, args.out / "model.pt")
+    except KeyboardInterrupt:
+        metrics["interrupted"] = True
+        bar.write(f"interrupted after step {len(metrics['train'])}: keeping the metrics and the best checkpoint")
     reg.remove()
     metrics["train_seconds"] = time.perf_counter() - start
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -396,3 +396,23 @@ def test_relative_error_weighs_every_token_equally():
     assert _relative_error(approx, target).item() == pytest.approx(0.5)
     streams = torch.randn(2, 3, 4, 8)  # MHC state [B, T, M, d]: one vector per token over streams and width
     assert _relative_error(2 * streams, streams).item() == pytest.approx(1.0)
+
+
+def test_interrupted_training_keeps_its_metrics_and_best_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C (or run_training_gpu.sh's time limit, a SIGINT) mid-run: curves and best checkpoint stay."""
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(300)))
+    batches = iter(range(3))
+    draw = train_char_lm.random_batch
+
+    def three_batches_then_interrupt(*args):
+        if next(batches, None) is None:
+            raise KeyboardInterrupt
+        return draw(*args)
+
+    monkeypatch.setattr(train_char_lm, "random_batch", three_batches_then_interrupt)
+    args = ["--preset", "tiny", "--n-layer", "2", "--data", str(data), "--batch", "2", "--seq", "16", "--steps", "8"]
+    metrics = train_char_lm.main([*args, "--eval-every", "2", "--eval-batches", "1", "--out", str(tmp_path / "run")])
+    assert metrics["interrupted"] and [t["step"] for t in metrics["train"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_step"] == 2
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["step"] == 2
