@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -184,10 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics["val"].append(dict(step=step, loss=loss, seconds=time.perf_counter() - start))
                 bar.write(f"step {step}: val loss {loss:.4f} (ppl {math.exp(loss):.3f})")
                 if metrics["best_val"] is None or loss < metrics["best_val"]:
-                    metrics["best_step"], metrics["best_val"] = step, loss
                     state = model.state_dict()
                     checkpoint = dict(model=args.model, config=dict(vars(config)), state_dict=state, step=step)
-                    torch.save(checkpoint, args.out / "model.pt")
+                    torch.save(checkpoint, args.out / "model.pt.tmp")  # an interrupt never leaves half a file
+                    os.replace(args.out / "model.pt.tmp", args.out / "model.pt")
+                    metrics["best_step"], metrics["best_val"] = step, loss
     except KeyboardInterrupt:
         metrics["interrupted"] = True
         bar.write(f"interrupted after step {len(metrics['train'])}: keeping the metrics and the best checkpoint")

@@ -53,19 +53,20 @@ def _forward(model: nn.Module, idx: Tensor, kv_cache: StaticKVCache) -> Tensor:
 def _fresh_forward() -> Callable[[nn.Module, Tensor, StaticKVCache], Tensor]:
     """`_forward` with a code object of its own. Dynamo keeps its compiled graphs, and counts them
     against its recompile limit, per code object: one copy per compile keeps the graphs of
-    different models and configs from evicting each other into eager fallbacks."""
+    different models and configs from pushing each other into eager fallbacks. (Dynamo's
+    automatic-dynamic shape memory is keyed by file, line and name, so the copies still share it.)"""
     return types.FunctionType(_forward.__code__.replace(), _forward.__globals__, _forward.__name__)
 
 
 def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
     """`(idx, kv_cache) -> logits` of `model` compiled with the snlp backend (inductor when config is None).
 
-    cudagraphs applies to the sequential (config None) compile: inductor's "reduce-overhead" mode;
-    an SNLP config carries its own. Compiled once per (model, config, cudagraphs) and cached while
-    the model is alive. The snlp callable uses
+    cudagraphs applies to the sequential (config None) compile only: inductor's "reduce-overhead"
+    mode; an SNLP config carries its own. Compiled once per (model, config), or per (model,
+    cudagraphs) when config is None, and cached while the model is alive. The snlp callable uses
     static shapes (one graph per new-token count: decode steps, and each prompt length of an snlp
     prefill), so the rewrite never sees symbolic sequence lengths. Past dynamo's recompile limit
-    (`torch._dynamo.config.cache_size_limit`, 8 by default) new prompt lengths run eagerly and
+    (`torch._dynamo.config.recompile_limit`, 8 by default) new prompt lengths run eagerly and
     dynamo logs it: pad prompts to a few lengths, or use prefill="sequential".
     """
     per_model = _COMPILED.setdefault(model, {})

@@ -179,7 +179,7 @@ def test_compiled_once_per_model_and_config(gpt):
 def test_compiles_of_different_models_and_configs_do_not_share_a_recompile_limit(models):
     """Each (model, config) compile owns its dynamo cache: with a limit of one graph per code object,
     two models and two configs still compile (the autouse fixture turns a limit hit into an error)."""
-    idx = torch.randint(0, 100, (BATCH, 1))
+    idx = _prompt(1)
     with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
         for model in models.values():
             for config in (None, dataclasses.replace(CHEAP, fuse=2)):
@@ -231,3 +231,29 @@ def test_errors(gpt, prompt, kwargs, match):
         kwargs["kv_cache"] = StaticKVCache(gpt.config, 1, CACHE_LEN)
     with pytest.raises(ValueError, match=match):
         stream(gpt, prompt, **kwargs)
+
+
+def test_sequential_compile_takes_cuda_graphs_from_the_config(monkeypatch):
+    """compile_sequential with config.cudagraphs compiles the sequential forward in "reduce-overhead"
+    mode, one compile per (model, cudagraphs); the mode is dropped here, as CPUs have no CUDA graphs."""
+    modes, compile_ = [], torch.compile
+
+    def recording_compile(fn, **kwargs):
+        modes.append(kwargs.pop("mode", None))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    out = generate(
+        model,
+        _prompt(3),
+        2,
+        config=dataclasses.replace(CHEAP, cudagraphs=True),
+        mode="sequential",
+        compile_sequential=True,
+        kv_cache=_cache(model),
+    )
+    assert modes == ["reduce-overhead"] and torch.equal(out.tokens, _sequential(model, _prompt(3), 2))
+    compiled_forward(model, None, cudagraphs=True)
+    compiled_forward(model, None, cudagraphs=False)
+    assert modes == ["reduce-overhead", None]
