@@ -11,8 +11,9 @@
 # at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised runs, e.g.
 # when a run of the same code, steps and seed already measured them; default 1), PYTHON. Writes
 # OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
-# OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaks near 31 GiB
-# and a GPT one near 17 GiB (n_par 4 8, K 1 2), so four regularised runs do not fit one 80 GB GPU.
+# OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaked near 31 GiB
+# and a GPT one near 17 GiB (n_par 4 8, K 1 2) before the counts K shared their iterations (3 -> 2
+# layer evaluations per n_par; not re-measured): four regularised runs did not fit one 80 GB GPU.
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
 OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,10 +192,11 @@ def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _solve_block(
-    stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int
-) -> tuple[Tensor, Tensor]:
-    """K Newton iterations over one block. Returns (block output, final super-layer inputs [C])."""
+def _block_iterates(
+    stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Newton iterations over one block, without end: (block output, super-layer inputs [C]) after
+    iteration 1, 2, ..."""
     n_groups = len(sizes)
     whole = stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
     u = x.unsqueeze(0).expand(n_groups, *x.shape)
@@ -203,14 +204,52 @@ def _solve_block(
         first = _super_layers(stack, start, sizes[:-1], u[:-1])
         u = torch.cat([x.unsqueeze(0), first])
     c = 1.0 - config.damping
-    out = x
-    for _ in range(iters):
+    while True:
         outputs = _super_layers(stack, start, sizes, u)
         r = outputs - torch.cat([u[1:], torch.zeros_like(u[:1])])
         delta = _scan(whole, c, r)
-        out = delta[-1]
         u = u + torch.cat([torch.zeros_like(delta[:1]), delta[:-1]])
-    return out, u
+        yield delta[-1], u
+
+
+def _solve_block(
+    stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int
+) -> tuple[Tensor, Tensor]:
+    """K >= 1 Newton iterations over one block. Returns (block output, final super-layer inputs [C])."""
+    return next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 1, None))
+
+
+def solve_traces(
+    stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: Iterable[int]
+) -> dict[int, dict[int, Tensor]]:
+    """`solve_trace` for several iteration counts at once: {K: trace}, each equal to its own solve.
+
+    Counts whose solves reach a block with the same input share that block's iterations (in the
+    first block they all do), so K = 1 and 2 cost two iterations of it, not three.
+    """
+    counts = sorted(set(iters))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"iteration counts must be integers >= 1, got {counts}")
+    traces: dict[int, dict[int, Tensor]] = {k: {} for k in counts}
+    h = h0
+    for i in range(config.n_seq):
+        h = stack.layer(i, h)
+        for trace in traces.values():
+            trace[i] = h
+    inputs = dict.fromkeys(counts, h)
+    for start, sizes in schedule(len(stack), config):
+        ends = list(itertools.accumulate(sizes))
+        sharing: dict[int, list[int]] = {}  # the counts whose solves enter this block with one tensor
+        for k in counts:
+            sharing.setdefault(id(inputs[k]), []).append(k)
+        for ks in sharing.values():
+            iterates = _block_iterates(stack, start, sizes, inputs[ks[0]], config)
+            for k, (out, u) in enumerate(itertools.islice(iterates, ks[-1]), start=1):
+                if k in ks:
+                    traces[k].update({start + e - 1: u[g + 1] for g, e in enumerate(ends[:-1])})
+                    traces[k][start + ends[-1] - 1] = out
+                    inputs[k] = out
+    return traces
 
 
 def solve_trace(stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: int | None = None) -> dict[int, Tensor]:
@@ -220,18 +259,7 @@ def solve_trace(stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: int | 
     `iters` (>= 1) overrides config.iters.
     """
     iters = config.iters if iters is None else iters
-    trace: dict[int, Tensor] = {}
-    h = h0
-    for i in range(config.n_seq):
-        h = stack.layer(i, h)
-        trace[i] = h
-    for start, sizes in schedule(len(stack), config):
-        out, inputs = _solve_block(stack, start, sizes, h, config, iters)
-        ends = list(itertools.accumulate(sizes))
-        trace.update({start + e - 1: inputs[g + 1] for g, e in enumerate(ends[:-1])})
-        trace[start + ends[-1] - 1] = out
-        h = out
-    return trace
+    return solve_traces(stack, h0, config, [iters])[iters]
 
 
 def solve(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Tensor:
@@ -283,9 +311,9 @@ def diagnose(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Diagnostics:
     for i in range(len(stack)):
         h = stack.layer(i, h)
         reference[i] = h
-    residual = []
+    residual, traces = [], solve_traces(stack, h0, config, range(1, config.iters + 1))
     for k in range(1, config.iters + 1):
-        trace = solve_trace(stack, h0, config, iters=k)
+        trace = traces[k]
         previous, previous_index, num, den = h0, -1, 0.0, 0.0
         for index in sorted(trace):
             value = previous

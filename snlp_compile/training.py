@@ -12,9 +12,10 @@ massive activations and lets a model score a small R while most tokens are far o
 
 Invariants:
 
-- The SNLP trace h~ is `solver.solve_trace` on the hooked blocks themselves (closures over the
-  captured side inputs), started from the state before the first parallel layer; h is the
-  captured sequential trace; the loss averages R over every (n_par, iters) pair. A term with
+- The SNLP trace h~ is `solver.solve_traces` on the hooked blocks themselves (closures over the
+  captured side inputs), started from the state before the first parallel layer, one solve per
+  n_par whose iteration counts share their iterations; h is the captured sequential trace; the
+  loss averages R over every (n_par, iters) pair. A term with
   iters >= n_par is exactly zero (the solver's exactness invariant) and is not computed.
 - The surrogate matches what the snlp backend reads off the graph: IDN, a scaled identity
   (`resid_lambdas`, x0 mixing) or HCN (the blocks' HyperConnection H_res matrices composed in
@@ -39,7 +40,7 @@ from .config import SNLPConfig
 from .models.gpt import DecoderLM
 from .models.mhc import HyperConnection, sinkhorn
 from .prepare import layer_signature
-from .solver import IDENTITY, CallableStack, Surrogate, solve_trace
+from .solver import IDENTITY, CallableStack, Surrogate, solve_traces
 
 logger = logging.getLogger("snlp_compile")
 
@@ -340,9 +341,9 @@ class SNLPRegularizer:
         targets = [calls[first + j].output for j in scored]
         if self.detach_target:
             targets = [t.detach() for t in targets]
-        gaps = []
+        gaps, traces = [], solve_traces(stack, h0, self.config, counts)  # the counts share iterations
         for iters in counts:
-            trace = solve_trace(stack, h0, self.config, iters=iters)
+            trace = traces[iters]
             errors = [_relative_error(trace[j], target) for j, target in zip(scored, targets, strict=True)]
             gaps.append(torch.stack(errors).mean())
         return gaps

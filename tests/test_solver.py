@@ -13,6 +13,7 @@ from snlp_compile.solver import (
     sequential,
     solve,
     solve_trace,
+    solve_traces,
 )
 
 torch.manual_seed(0)
@@ -193,3 +194,35 @@ def test_bad_options_and_depth():
         solve(residual_stack(3), torch.randn(1, D), SNLPConfig(n_seq=1, blocks=3))
     with pytest.raises(ValueError, match="mix surrogate values must be"):
         Surrogate("mix", torch.ones(3, 2))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(blocks=2), dict(n_seq=1, fuse=2), dict(init="batch_fwd", damping=0.2), dict(surrogate="hc")],
+    ids=["one-block", "two-blocks", "seq-fused", "batch_fwd-damped", "hcn"],
+)
+def test_solve_traces_equal_separate_solves(overrides):
+    hc = overrides.pop("surrogate", None) == "hc"
+    stack, h0 = (hc_stack(6), torch.randn(2, M, D)) if hc else (residual_stack(6), torch.randn(3, D))
+    config = SNLPConfig(**overrides)
+    traces = solve_traces(stack, h0, config, [3, 1, 2, 1])
+    assert list(traces) == [1, 2, 3]
+    for k, trace in traces.items():
+        expected = solve_trace(stack, h0, config, iters=k)
+        assert list(trace) == list(expected)
+        for index in trace:
+            torch.testing.assert_close(trace[index], expected[index])
+
+
+def test_solve_traces_share_the_iterations_of_a_block():
+    calls = [0]
+
+    def layer(h):
+        calls[0] += 1
+        return h + torch.sin(h)
+
+    stack = CallableStack([layer] * 4)
+    solve_traces(stack, torch.randn(2, D), SNLPConfig(), [1, 2])
+    assert calls[0] == 2 * 4  # two iterations of the 4 layers serve K = 1 and K = 2 (separately: 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        solve_traces(stack, torch.randn(2, D), SNLPConfig(), [0, 1])
