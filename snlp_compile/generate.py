@@ -305,12 +305,12 @@ def _speculative(
         for _ in range(k):
             qs.append(sampler.probs(draft(drafts[-1], cache)[:, -1]))
             drafts.append(sampler.sample(qs[-1])[:, None])
-        cache.rollback(k)
+        cache.rewind(k)  # k drafts were written after the emitted tokens: no host sync needed
         p = sampler.probs(exact(torch.cat(drafts, dim=1), cache))
         q = torch.stack(qs, dim=1) if qs else p[:, :0]
         accepted, tokens = verify_drafts(torch.cat(drafts[1:], dim=1) if k else token[:, :0], p, q, sampler)
         n = int(accepted.min())
-        cache.rollback(k - n)
+        cache.rewind(k - n)  # 0 <= n <= k
         chunk = tokens[:, : n + 1]
         token = chunk[:, -1:].contiguous()  # same strides every round: no dynamo recompile
         stats.model_calls += k + 1

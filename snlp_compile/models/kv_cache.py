@@ -55,10 +55,15 @@ class StaticKVCache:
         self.pos.zero_()
 
     def rollback(self, n_positions: int) -> None:
-        """Drop the last ``n_positions`` filled positions."""
+        """Drop the last ``n_positions`` filled positions (checked: reads ``pos``, a host sync on GPU)."""
         filled = int(self.pos)
         if not 0 <= n_positions <= filled:
             raise ValueError(f"rollback n_positions must be in [0, {filled}] (positions filled), got {n_positions}")
+        self.rewind(n_positions)
+
+    def rewind(self, n_positions: int) -> None:
+        """``rollback`` unchecked, without a host sync: for callers that count the filled positions
+        themselves and know 0 <= n_positions <= filled (the speculative decoding loop)."""
         self.pos.sub_(n_positions)
 
     def check(self, batch_size: int, n_new: int) -> None:

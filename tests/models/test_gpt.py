@@ -140,6 +140,9 @@ def test_kv_cache_errors(make_model, model_cls):
         model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="rollback"):
         cache.rollback(7)
+    cache.rollback(2)  # checked
+    cache.rewind(3)  # unchecked: the caller counts positions
+    assert int(cache.pos) == 1
     with pytest.raises(ValueError, match="max_seq_len"):
         StaticKVCache(model.config, batch_size=1, max_seq_len=33)
 
