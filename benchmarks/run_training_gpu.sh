@@ -14,6 +14,7 @@
 # OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaked near 31 GiB
 # and a GPT one near 17 GiB (n_par 4 8, K 1 2) before the counts K shared their iterations (3 -> 2
 # layer evaluations per n_par; not re-measured): four regularised runs did not fit one 80 GB GPU.
+# EXTRA="--reg-checkpoint" recomputes the solves in backward and keeps none of their activations.
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
 OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}

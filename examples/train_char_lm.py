@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reg-warmup", type=int, default=0)
     p.add_argument("--reg-detach", action="store_true", help="no gradient through the sequential target")
     p.add_argument("--reg-surrogate", choices=["auto", "identity", "hc"], default="auto")
+    p.add_argument("--reg-checkpoint", action="store_true", help="recompute the SNLP solves in backward (less memory)")
     p.add_argument("--compile", action="store_true", help="train through torch.compile (inductor); hooks still fire")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         detach_target=args.reg_detach,
         warmup_steps=args.reg_warmup,
         surrogate=args.reg_surrogate,
+        checkpoint=args.reg_checkpoint,
     )
     forward = torch.compile(model) if args.compile else model  # the regulariser watches `model` either way
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))

@@ -27,13 +27,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import SNLPConfig
@@ -132,7 +134,9 @@ class SNLPRegularizer:
     init ("h0" | "batch_fwd") of the solve; detach_target: no gradient through the sequential trace;
     warmup_steps >= 0: the weight ramps linearly from 0 at step 0 to full at warmup_steps;
     surrogate: "auto" (HCN for blocks with HyperConnections, else read off the glue), "identity"
-    (IDN) or "hc" (HCN; an error without HyperConnections).
+    (IDN) or "hc" (HCN; an error without HyperConnections); checkpoint: keep no activations of the
+    SNLP solves for backward but recompute each in turn (`torch.utils.checkpoint`): the memory of
+    one solve instead of all of them, for one more forward of the solves.
 
     The stack is found by `find_block_list`. Glue the parent loop applies between blocks is
     invisible to hooks; it is detected (the input of block l+1 is not the output of block l) and
@@ -154,6 +158,16 @@ class SNLPRegularizer:
 
     _solving = False  # set while any regulariser re-runs blocks: their calls are not a forward to capture
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _re_running_blocks() -> Iterator[None]:
+        """Hooks ignore block calls inside (the solves, and their recomputation in backward)."""
+        previous, SNLPRegularizer._solving = SNLPRegularizer._solving, True
+        try:
+            yield
+        finally:
+            SNLPRegularizer._solving = previous
+
     def __init__(
         self,
         model: nn.Module,
@@ -165,6 +179,7 @@ class SNLPRegularizer:
         detach_target: bool = False,
         warmup_steps: int = 0,
         surrogate: str = "auto",
+        checkpoint: bool = False,
     ) -> None:
         self.name, self.blocks = find_block_list(model)
         depth = len(self.blocks)
@@ -180,8 +195,9 @@ class SNLPRegularizer:
             raise ValueError(f"SNLPRegularizer.stride must be an integer in [0, {min(n_par)}], got {stride!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"SNLPRegularizer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not isinstance(detach_target, bool):
-            raise ValueError(f"SNLPRegularizer.detach_target must be True or False, got {detach_target!r}")
+        for name, flag in (("detach_target", detach_target), ("checkpoint", checkpoint)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"SNLPRegularizer.{name} must be True or False, got {flag!r}")
         counts = tuple(iters) if isinstance(iters, (tuple, list)) else (iters,)
         if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
             raise ValueError(f"SNLPRegularizer.iters must be one or more integers >= 1, got {iters!r}")
@@ -197,6 +213,7 @@ class SNLPRegularizer:
         self.use_hc = has_hc and surrogate in ("auto", "hc")
         self.model, self.weight, self.n_par, self.stride = model, float(weight), n_par, stride
         self.detach_target, self.warmup_steps, self.step_count = detach_target, warmup_steps, 0
+        self.checkpoint = checkpoint
         self._device = next(model.parameters()).device
         self._calls: list[_Call | None] | None = None
         self._autocast: tuple[str, bool, torch.dtype] | None = None
@@ -253,13 +270,9 @@ class SNLPRegularizer:
             return torch.zeros((), device=self._device)
         calls = self._checked(calls)
         device_type, enabled, dtype = self._autocast
-        SNLPRegularizer._solving = True
-        try:
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                mixes = self._block_mixes() if self.use_hc else None  # once per loss, shared by every n_par
-                terms = [term for n in self.n_par for term in self._gaps(calls, n, mixes)]
-        finally:
-            SNLPRegularizer._solving = False
+        with self._re_running_blocks(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            mixes = self._block_mixes() if self.use_hc else None  # once per loss, shared by every n_par
+            terms = [term for n in self.n_par for term in self._gaps(calls, n, mixes)]
         if not terms:
             return torch.zeros((), device=self._device)
         return scale * torch.stack(terms).sum() / (len(self.n_par) * len(self.iters))
@@ -341,7 +354,14 @@ class SNLPRegularizer:
         targets = [calls[first + j].output for j in scored]
         if self.detach_target:
             targets = [t.detach() for t in targets]
-        gaps, traces = [], solve_traces(stack, h0, self.config, counts)  # the counts share iterations
+
+        def solve(h0: Tensor) -> dict[int, dict[int, Tensor]]:  # the counts share iterations
+            with self._re_running_blocks():
+                return solve_traces(stack, h0, self.config, counts)
+
+        recompute = torch.utils.checkpoint.checkpoint
+        traces = recompute(solve, h0, use_reentrant=False) if self.checkpoint else solve(h0)
+        gaps = []
         for iters in counts:
             trace = traces[iters]
             errors = [_relative_error(trace[j], target) for j, target in zip(scored, targets, strict=True)]

@@ -257,6 +257,30 @@ def test_several_iteration_counts_average_their_terms():
     assert losses[1] > losses[2] > 0  # K = 2 is exact for n_par = 2 only: its n_par = 4 term remains
 
 
+@pytest.mark.parametrize("cls", [GPT, MHCGPT], ids=["gpt", "mhc"])
+def test_checkpointed_solves_give_the_same_loss_and_gradients(cls):
+    """checkpoint=True recomputes the solves in backward: same loss and gradients, a small fraction of
+    the saved activations, and the recomputation's block calls are not captured as a forward."""
+    model = tiny(cls)
+    grads, kept = {}, {}
+    for checkpoint in (False, True):
+        saved = []
+        reg = SNLPRegularizer(model, weight=1.0, n_par=(2, 4), iters=(1, 2), checkpoint=checkpoint)
+        model.zero_grad()
+        model(IDX)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
+            loss = reg.loss()  # `saved` counts the elements autograd keeps for backward
+        loss.backward()
+        assert reg._calls is None  # nothing captured during the backward's recomputation
+        kept[checkpoint] = sum(saved)
+        grads[checkpoint] = (loss.detach(), [p.grad.clone() for p in model.blocks.parameters()])
+        reg.remove()
+    assert kept[True] < kept[False] / 10  # the solves' activations are recomputed, not kept
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    for with_checkpoint, without in zip(grads[True][1], grads[False][1], strict=True):
+        torch.testing.assert_close(with_checkpoint, without)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -270,6 +294,7 @@ def test_several_iteration_counts_average_their_terms():
         (dict(iters=(1, True)), "iters"),
         (dict(iters=1.5), "iters"),
         (dict(init="zeros"), "init"),
+        (dict(checkpoint="yes"), "checkpoint"),
     ],
 )
 def test_invalid_arguments(kwargs, field):
