@@ -65,9 +65,10 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bo
     mode; an SNLP config carries its own. Compiled once per (model, config), or per (model,
     cudagraphs) when config is None, and cached while the model is alive. The snlp callable uses
     static shapes (one graph per new-token count: decode steps, and each prompt length of an snlp
-    prefill), so the rewrite never sees symbolic sequence lengths. Past dynamo's recompile limit
-    (`torch._dynamo.config.recompile_limit`, 8 by default) new prompt lengths run eagerly and
-    dynamo logs it: pad prompts to a few lengths, or use prefill="sequential".
+    prefill): kernels specialised to each shape, and a decode step that never recompiles into a
+    dynamic one. Past dynamo's recompile limit (`torch._dynamo.config.recompile_limit`, 8 by
+    default) new prompt lengths run eagerly and dynamo logs it: pad prompts to a few lengths, or
+    use prefill="sequential".
     """
     per_model = _COMPILED.setdefault(model, {})
     key = config if config is not None else ("sequential", cudagraphs)

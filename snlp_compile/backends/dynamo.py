@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from ..config import SNLPConfig
@@ -86,10 +87,13 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
         return inner_compile(gm, example_inputs, config)
     try:
         compiled = inner_compile(new_gm, example_inputs, config)
+    except RestartAnalysis:  # dynamo's own signal (e.g. specialise a float scalar and trace again): not a failure
+        raise
     except Exception as error:  # the inner compiler failed on the rewrite: never crash, say why
+        why = f"{type(error).__name__}: {error}"
         if config.fallback == "error":
-            raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {error}") from error
-        logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", error)
+            raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {why}") from error
+        logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", why)
         return inner_compile(gm, example_inputs, config)
     if weights.copied_bytes:
         logger.info(

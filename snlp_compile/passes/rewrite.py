@@ -149,11 +149,14 @@ class GraphStack:
             a, b = inside[0], inside[-1] + 1
             local = [members[i] - start for i in range(a, b)]
             xs = hs if local == list(range(hs.shape[0])) else hs[torch.tensor(local, device=hs.device)]
-            batched = self.program.batched[g]
+            batched, function = self.program.batched[g], self.program.functions[g]
+            if b - a == 1:  # one layer: called as is (vmap could not write its unbatched in-place inputs)
+                args = [x[a] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
+                parts.append((local, function(xs[0], *args).unsqueeze(0)))
+                continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
             dims = (0, *[0 if stacked else None for stacked in batched])
-            ys = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")(xs, *args)
-            parts.append((local, ys))
+            parts.append((local, torch.vmap(function, in_dims=dims, randomness="different")(xs, *args)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
