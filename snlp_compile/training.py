@@ -15,8 +15,8 @@ Invariants:
 - The SNLP trace h~ is `solver.solve_traces` on the hooked blocks themselves (closures over the
   captured side inputs), started from the state before the first parallel layer, one solve per
   n_par whose iteration counts share their iterations; h is the captured sequential trace; the
-  loss averages R over every (n_par, iters) pair. A term with
-  iters >= n_par is exactly zero (the solver's exactness invariant) and is not computed.
+  loss averages R over every (n_par, iters) pair. A term with iters >= n_par is exactly zero (the
+  solver's exactness invariant) and is not computed.
 - The surrogate matches what the snlp backend reads off the graph: IDN, a scaled identity
   (`resid_lambdas`, x0 mixing) or HCN (the blocks' HyperConnection H_res matrices composed in
   registration order, which is their execution order in MHCBlock).
@@ -318,14 +318,11 @@ class SNLPRegularizer:
             mixes.append(mix)
         return mixes
 
-    def _surrogate(
-        self, glue: list[tuple[Tensor, Tensor] | None], first: int, mixes: list[Tensor] | None = None
-    ) -> Surrogate:
-        """J of the parallel layers from `first` on: HCN mixing (`mixes`, from `_block_mixes`) and/or the
-        glue's resid_lambdas scale."""
+    def _surrogate(self, glue: list[tuple[Tensor, Tensor] | None], first: int, mixes: list[Tensor] | None) -> Surrogate:
+        """J of the parallel layers from `first` on: HCN mixing (`mixes`, from `_block_mixes`; None
+        without HyperConnections) and/or the glue's resid_lambdas scale."""
         scales = [None if g is None else g[0] for g in glue]
         if self.use_hc:
-            mixes = self._block_mixes() if mixes is None else mixes
             values = [mix if r is None else r * mix for mix, r in zip(mixes[first:], scales, strict=True)]
             return Surrogate("mix", torch.stack(values))
         if self.config.surrogate == "auto" and any(r is not None for r in scales):

@@ -113,7 +113,7 @@ def test_hcn_surrogate_on_hyper_connections():
     assert hcn.use_hc and not idn.use_hc
     model(IDX)
     assert hcn.loss().item() != pytest.approx(idn.loss().item())
-    surrogate = hcn._surrogate([None] * 4, 0)  # J_l = H_res(mlp) @ H_res(attn), in execution order
+    surrogate = hcn._surrogate([None] * 4, 0, hcn._block_mixes())  # J_l = H_res(mlp) @ H_res(attn), in execution order
     for block, mix in zip(model.blocks, surrogate.values, strict=True):
         attn, mlp = block.hc_attn, block.hc_mlp
         expected = sinkhorn(mlp.res_logits, mlp.sinkhorn_iters) @ sinkhorn(attn.res_logits, attn.sinkhorn_iters)

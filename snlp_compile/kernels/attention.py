@@ -2,8 +2,9 @@
 
 `torch.vmap` over `F.scaled_dot_product_attention` has no batching rule for some backends (the
 CPU flash kernel runs layer by layer) and hands the CUDA efficient kernel a mask it rejects (at
-batch above 1, and for a float32 query, which that kernel serves at any batch). The rewrite evaluates all layers
-of a fusion group under vmap, so its layer graphs call this op instead. Invariants:
+batch above 1, and for a float32 query, which that kernel serves at any batch). The rewrite
+evaluates all layers of a fusion group under vmap, so its layer graphs call this op instead.
+Invariants:
 
 - forward and backward equal `F.scaled_dot_product_attention` and its autograd gradient;
 - under vmap the layer axis is folded into the batch axis: one attention call for all layers;
