@@ -2,8 +2,10 @@
 
 For one preset and one question (a full-sequence forward or one decode step), each variant is
 compiled and checked exactly as the benchmark scripts do, warmed up, then profiled over --steps
-calls. Printed per variant: GPU time per call, kernels per call, the time per kernel category
-(GEMM, attention, Triton-generated, copies, other) and the top kernels. Writes
+calls. Printed per variant: wall time per call (back-to-back calls) against the host time to issue
+one (no synchronisation; equal to the wall time when the host, not the GPU, is the bottleneck), GPU
+time per call, kernels per call, the time per kernel category (GEMM, attention, Triton-generated,
+copies, other) and the top kernels. Writes
 OUT/profile_<question>_<preset>.json and, with --trace, a Chrome trace per variant (https://ui.perfetto.dev).
 
     PYTHONPATH=. python3 benchmarks/profile_gpu.py --question decode --preset d20 --out out
@@ -14,6 +16,7 @@ OUT/profile_<question>_<preset>.json and, with --trace, a Chrome trace per varia
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -115,15 +118,29 @@ def kernel_summary(prof: profile, steps: int, device: torch.device, top: int) ->
     }
 
 
+def host_and_wall_us(step: Any, device: torch.device, calls: int) -> tuple[float, float]:
+    """(host us to issue one call, wall us per call) over `calls` back-to-back calls."""
+    mark = torch.compiler.cudagraph_mark_step_begin
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        mark()
+        step()
+    issued = time.perf_counter()
+    synchronize(device)
+    end = time.perf_counter()
+    return (issued - start) / calls * 1e6, (end - start) / calls * 1e6
+
+
 def profile_variant(model: torch.nn.Module, variant: Variant, problem: Any, bench: Bench, steps: int) -> dict:
-    fn = compile_variant(model, variant)
+    fn = compile_variant(model, variant, bench.args.skip_module_guards)
     rel, top1 = problem.check(fn)
     step = problem.step(fn)
     mark = torch.compiler.cudagraph_mark_step_begin
     for _ in range(5):
         mark()
         step()
-    synchronize(bench.device)
+    host_us, wall_us = host_and_wall_us(step, bench.device, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -135,13 +152,14 @@ def profile_variant(model: torch.nn.Module, variant: Variant, problem: Any, benc
         prof.export_chrome_trace(str(bench.args.out / f"trace_{bench.question}_{name}.json"))
     summary = kernel_summary(prof, steps, bench.device, bench.args.top)
     torch._dynamo.reset()
-    return {"variant": variant.name, "rel_err": rel, "top1": top1, **summary}
+    return {"variant": variant.name, "rel_err": rel, "top1": top1, "wall_us": wall_us, "host_us": host_us, **summary}
 
 
 def print_summary(result: dict) -> None:
     cats = ", ".join(f"{k} {v:.0f}" for k, v in result["by_category_us"].items())
     print(
-        f"\n== {result['variant']}: {result['us_per_call']:.0f} us of {result['clock']} self time per call, "
+        f"\n== {result['variant']}: {result['wall_us']:.0f} us wall per call (host {result['host_us']:.0f} us to "
+        f"issue it), {result['us_per_call']:.0f} us of {result['clock']} self time per call, "
         f"{result['kernels_per_call']:.0f} kernels per call (rel err {result['rel_err']:.2e}); by category (us): {cats}"
     )
     rows = [[f"{k['us_per_call']:.1f}", f"{k['calls_per_step']:.0f}", k["category"], k["name"]] for k in result["top"]]
@@ -176,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.question == "forward":
         problem = ForwardProblem(model, bench, args.batch[0], args.seq_len)
     else:
-        problem = DecodeProblem(model, bench, args.batch[0], args.context, args.context + 5 + args.steps, 2)
+        problem = DecodeProblem(model, bench, args.batch[0], args.context, args.context + 5 + 2 * args.steps, 2)
     specs = args.snlp or [f"{n_layer}:1:cg", f"{n_layer}:1"]
     base = baseline_variants(bench.device)
     variants = [v for v in base if v.name in ("inductor+cg", "inductor", "dynamo-eager")]

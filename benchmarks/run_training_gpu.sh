@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training reproduction of the "Training" issue on one GPU: baseline and SNLP-regularised
+# The training reproduction of the "Training" issue on one GPU or several: baseline and SNLP-regularised
 # char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16), trained side by side, then the
 # validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
 #     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
@@ -9,7 +9,8 @@
 # e.g. "--reg-iters 1 2"; GPT_EXTRA and MHC_EXTRA override it per model), TRAIN_FLAGS (flags for
 # every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped and evaluated
 # at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised runs, e.g.
-# when a run of the same code, steps and seed already measured them; default 1), PYTHON. Writes
+# when a run of the same code, steps and seed already measured them; default 1), GPUS (CUDA device
+# indices the runs are spread over round-robin, e.g. "0 1 2 3"; default: the current device), PYTHON. Writes
 # OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
 # OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaked near 31 GiB
 # and a GPT one near 17 GiB (n_par 4 8, K 1 2) before the counts K shared their iterations (3 -> 2
@@ -35,16 +36,19 @@ GPT_EXTRA=${GPT_EXTRA-$EXTRA}
 MHC_EXTRA=${MHC_EXTRA-$EXTRA}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 BASELINES=${BASELINES:-1}
+read -ra GPU_LIST <<<"${GPUS:-}"
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a word list
 TRAIN=(timeout -s INT "$TRAIN_LIMIT" "$PY" examples/train_char_lm.py --data "$DATA" --device cuda --dtype bfloat16 --batch 64 --seq 256
     --eval-every 100 --steps "$STEPS" $TRAIN_FLAGS)
 
 runs=()
-launch() {  # launch NAME ARGS...: one training in the background, logged to OUT/NAME.log
+launch() {  # launch NAME ARGS...: one training in the background on the next GPU, logged to OUT/NAME.log
     local name=$1
     shift
+    local device=()
+    ((${#GPU_LIST[@]})) && device=("CUDA_VISIBLE_DEVICES=${GPU_LIST[${#runs[@]} % ${#GPU_LIST[@]}]}")
     runs+=("$name")
-    "${TRAIN[@]}" "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1 &
+    env "${device[@]}" "${TRAIN[@]}" "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1 &
 }
 start=$SECONDS
 if ((BASELINES)); then
@@ -63,7 +67,7 @@ wait
 {
     echo "trained ${#runs[@]} runs side by side in $((SECONDS - start)) s (STEPS=$STEPS GPT_WEIGHTS=$GPT_WEIGHTS" \
         "MHC_WEIGHTS=$MHC_WEIGHTS NPAR=$NPAR WARMUP=$WARMUP BASELINES=$BASELINES GPT_EXTRA=$GPT_EXTRA" \
-        "MHC_EXTRA=$MHC_EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT)"
+        "MHC_EXTRA=$MHC_EXTRA TRAIN_FLAGS=$TRAIN_FLAGS TRAIN_LIMIT=$TRAIN_LIMIT GPUS=${GPU_LIST[*]})"
     for r in "${runs[@]}"; do
         echo "$r: $(grep -o "step [0-9]*: val loss [0-9.]* (ppl [0-9.]*)" "$OUT/$r.log" | sort -k5,5g | head -1) (best)"
     done
