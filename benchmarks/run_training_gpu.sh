@@ -10,7 +10,8 @@
 # every run, e.g. "--compile"), TRAIN_LIMIT (seconds after which a training is stopped and evaluated
 # at its best checkpoint so far; default none), BASELINES (0: skip the two unregularised runs, e.g.
 # when a run of the same code, steps and seed already measured them; default 1), GPUS (CUDA device
-# indices the runs are spread over round-robin, e.g. "0 1 2 3"; default: the current device), PYTHON. Writes
+# indices the runs are spread over round-robin, e.g. "0 1 2 3", set as each run's CUDA_VISIBLE_DEVICES
+# (not indices into an inherited one); default: the current device), PYTHON. Writes
 # OUT_DIR/<run>/{model.pt,metrics.json}, OUT_DIR/eval/{eval.json,frontier.png},
 # OUT_DIR/train_summary.txt and the per-run logs. Memory: a regularised MHCGPT run peaked near 31 GiB
 # and a GPT one near 17 GiB (n_par 4 8, K 1 2) before the counts K shared their iterations (3 -> 2

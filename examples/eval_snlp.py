@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 from train_char_lm import DEFAULT_DATA, autocast, eval_batches, load_checkpoint, load_splits
@@ -95,12 +96,15 @@ def evaluate(paths: list[Path], batches: list, args: argparse.Namespace) -> list
 def plot(evaluations: dict, path: Path) -> None:
     fig = Figure(figsize=(13, 4.5))
     by_config, by_time = fig.subplots(1, 2)
-    for name, evaluation in evaluations.items():
+    tab20 = colormaps["tab20"]  # dark/light pairs of one hue: all dark ones first, then the light ones
+    palette = [tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    for i, (name, evaluation) in enumerate(evaluations.items()):
         labels = list(evaluation["results"])
         ppl = [evaluation["results"][k]["ppl"] for k in labels]
         ms = [evaluation["results"][k]["ms_per_batch"] for k in labels]
-        by_config.plot(labels, ppl, marker="o", label=name)
-        by_time.scatter(ms, ppl, label=name)
+        style = dict(color=palette[i % len(palette)], marker="s" if evaluation["model"] == "mhc" else "o")
+        by_config.plot(labels, ppl, label=name, **style)
+        by_time.scatter(ms, ppl, label=name, **style)
         for label, x, y in zip(labels, ms, ppl, strict=True):
             by_time.annotate(label, (x, y), fontsize=7)
     by_config.set(ylabel="validation perplexity", yscale="log", title="perplexity per configuration")

@@ -6,12 +6,14 @@ a view of that storage, with no copy and nothing to refresh; otherwise it is an 
 once and updated in place (same address, so CUDA graphs stay valid) when a source is replaced or
 changed in place (version counters). The user's tensors are never written. `refresh` runs before
 every call of the compiled graph, so its common case (nothing changed) stays a few C-level passes.
+Not seen: `param.data = other` and writes through `param.data`, which PyTorch does not count as
+versions (use `param.copy_(...)` under `torch.no_grad()`, or compile again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from operator import is_, itemgetter
+from operator import attrgetter, is_, itemgetter
 
 import torch
 from torch import Tensor
@@ -33,8 +35,11 @@ def stacked_view(tensors: Sequence[Tensor]) -> Tensor | None:
         return first.detach().as_strided((len(tensors), *first.shape), (step, *first.stride()), offsets[0])
 
 
+_VERSION = attrgetter("_version")
+
+
 def _versions(tensors: Sequence[Tensor]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+    return tuple(map(_VERSION, tensors))
 
 
 def _getter(sources: list[int]) -> Callable[[Sequence[Tensor]], tuple[Tensor, ...]]:
@@ -48,7 +53,6 @@ class StackedWeights:
     """The stacked weight buffers of one rewritten graph, keyed by the graph inputs they stack."""
 
     def __init__(self) -> None:
-        self.sources: list[list[int]] = []
         self.buffers: list[Tensor] = []
         self._gets: list[Callable[[Sequence[Tensor]], tuple[Tensor, ...]]] = []
         self._stacked: list[tuple[Tensor, ...]] = []  # the tensors each buffer was last made from
@@ -66,7 +70,6 @@ class StackedWeights:
                 buffer = torch.stack([t.detach() for t in tensors])
             self.copied_bytes += buffer.numel() * buffer.element_size()
             versions = _versions(tensors)
-        self.sources.append(list(sources))
         self.buffers.append(buffer)
         self._gets.append(get)
         self._stacked.append(tensors)
@@ -85,8 +88,12 @@ class StackedWeights:
             if versions is None:
                 if same:
                     continue
-                view = stacked_view(tensors)
-                if view is None or view.data_ptr() != self.buffers[i].data_ptr():
+                view, buffer = stacked_view(tensors), self.buffers[i]
+                if view is None or (view.data_ptr(), view.shape, view.stride()) != (
+                    buffer.data_ptr(),
+                    buffer.shape,
+                    buffer.stride(),
+                ):
                     raise RuntimeError(
                         "snlp: weights stacked in place by snlp_compile.prepare were replaced; call "
                         "torch._dynamo.reset() and compile again"

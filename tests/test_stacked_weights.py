@@ -35,3 +35,6 @@ def test_a_view_stack_sees_in_place_changes_and_refuses_replaced_sources():
     torch.testing.assert_close(buffer, storage, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="were replaced"):
         weights.refresh([args[0], torch.randn(4, 2), args[2]])
+    flat = storage.view(-1)  # same first address, other spacing: still a replacement
+    with pytest.raises(RuntimeError, match="were replaced"):
+        weights.refresh([flat[4 * i : 4 * i + 8].view(4, 2) for i in range(3)])
