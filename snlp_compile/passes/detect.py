@@ -143,6 +143,12 @@ def mutated_arg(node: Node) -> Node | None:
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
         return node.args[0] if isinstance(node.args[0], Node) else None
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # the schema says which argument it writes
+            for i, arg in enumerate(node.target._schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                    return value if isinstance(value, Node) else None
+            return None
         if node.target in _INPLACE_FUNCTIONS:
             return node.args[0] if isinstance(node.args[0], Node) else None
         name = getattr(node.target, "__name__", "")

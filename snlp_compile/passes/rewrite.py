@@ -31,6 +31,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..config import SNLPConfig
 from ..kernels.attention import sdpa
 from ..kernels.stacked_linear import bias_free_linear
+from ..models.kv_cache import cache_write_
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
@@ -73,7 +74,12 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
     return target
 
 
-_INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
+_INDEX_COPY_ = (
+    torch.Tensor.index_copy_,
+    torch.ops.aten.index_copy_,
+    torch.ops.aten.index_copy_.default,
+    cache_write_._opoverload,  # the built-in models' KV-cache write: index_copy_ as one op
+)
 _LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
 
 

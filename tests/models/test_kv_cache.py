@@ -1,0 +1,42 @@
+"""The KV cache's write op: index_copy_ semantics, and an in-place write when compiled."""
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from snlp_compile.models import GPT, StaticKVCache
+from snlp_compile.models.kv_cache import cache_write_
+from snlp_compile.passes.detect import mutated_arg
+
+
+def test_cache_write_is_index_copy_on_the_view():
+    cache = torch.randn(3, 2, 4, 8, 5)
+    expected = cache.clone()
+    index, source = torch.tensor([6, 1]), torch.randn(2, 4, 2, 5)
+    cache_write_(cache[1], 2, index, source)
+    expected[1].index_copy_(2, index, source)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_the_detector_reads_the_written_argument_from_the_schema():
+    graph = torch.fx.Graph()
+    cache, index, source = (graph.placeholder(name) for name in ("cache", "index", "source"))
+    write = graph.call_function(cache_write_._opoverload, (cache, 2, index, source))
+    assert mutated_arg(write) is cache
+    assert mutated_arg(graph.call_function(torch.ops.aten.index_copy.default, (cache, 2, index, source))) is None
+
+
+@torch.no_grad()
+def test_a_compiled_decode_step_writes_the_cache_in_place(make_model):
+    """No buffer of a layer's cache size in inductor's code (a write through a view as index_copy_
+    copies every layer's cache and the whole cache back), and the same logits and cache as eager."""
+    model = make_model(GPT)
+    caches = [StaticKVCache(model.config, batch_size=1, max_seq_len=24) for _ in range(2)]
+    prompt, token = torch.randint(0, model.config.vocab_size, (1, 6)), torch.tensor([[3]])
+    for cache in caches:
+        model(prompt, kv_cache=cache)
+    compiled = torch.compile(model, dynamic=False)
+    out, codes = run_and_get_code(compiled, token, kv_cache=caches[0])
+    torch.testing.assert_close(out, model(token, kv_cache=caches[1]), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=2e-5, rtol=2e-5)
+    layer_cache = tuple(caches[0].k.shape[1:])
+    assert codes and not any(f"empty_strided_cpu({layer_cache}" in code for code in codes)
