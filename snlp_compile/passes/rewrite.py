@@ -9,7 +9,8 @@ Invariants of the rewritten graph:
   its layers at once under `torch.vmap` with per-layer inputs stacked on a leading axis; where
   vmap cannot batch an attention call itself, it goes through `snlp::attention`, which vmap
   folds into one batched call, and `index_copy_` (KV-cache writes) becomes `index_put_`, which
-  vmap batches into one write of the new positions.
+  vmap batches into one write of the new positions (the built-in models' `snlp::cache_write_`
+  has a vmap rule of its own that does the same).
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
@@ -31,7 +32,6 @@ from torch.fx import Graph, GraphModule, Node
 from ..config import SNLPConfig
 from ..kernels.attention import sdpa
 from ..kernels.stacked_linear import bias_free_linear
-from ..models.kv_cache import cache_write_
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
@@ -74,12 +74,7 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
     return target
 
 
-_INDEX_COPY_ = (
-    torch.Tensor.index_copy_,
-    torch.ops.aten.index_copy_,
-    torch.ops.aten.index_copy_.default,
-    cache_write_._opoverload,  # the built-in models' KV-cache write: index_copy_ as one op
-)
+_INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
 _LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
 
 

@@ -1,5 +1,6 @@
 """The KV cache's write op: index_copy_ semantics, and an in-place write when compiled."""
 
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
@@ -25,18 +26,43 @@ def test_the_detector_reads_the_written_argument_from_the_schema():
     assert mutated_arg(graph.call_function(torch.ops.aten.index_copy.default, (cache, 2, index, source))) is None
 
 
+@pytest.mark.parametrize(
+    "compile_options",
+    [{}, dict(backend="snlp", options=dict(n_seq=1, iters=2, fallback="error"))],
+    ids=["inductor", "snlp-inductor"],
+)
 @torch.no_grad()
-def test_a_compiled_decode_step_writes_the_cache_in_place(make_model):
-    """No buffer of a layer's cache size in inductor's code (a write through a view as index_copy_
-    copies every layer's cache and the whole cache back), and the same logits and cache as eager."""
+def test_a_compiled_decode_step_writes_the_cache_in_place(make_model, compile_options):
+    """No buffer of the cache's, a layer's or the SNLP block's cache size in inductor's code (a
+    write through a view as index_copy_ copies every layer's cache and the whole cache back), and
+    the same logits and cache as eager (iters = block size: exact)."""
     model = make_model(GPT)
     caches = [StaticKVCache(model.config, batch_size=1, max_seq_len=24) for _ in range(2)]
     prompt, token = torch.randint(0, model.config.vocab_size, (1, 6)), torch.tensor([[3]])
     for cache in caches:
         model(prompt, kv_cache=cache)
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, dynamic=False, **compile_options)
     out, codes = run_and_get_code(compiled, token, kv_cache=caches[0])
     torch.testing.assert_close(out, model(token, kv_cache=caches[1]), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(caches[0].k, caches[1].k, atol=2e-5, rtol=2e-5)
-    layer_cache = tuple(caches[0].k.shape[1:])
-    assert codes and not any(f"empty_strided_cpu({layer_cache}" in code for code in codes)
+    whole = tuple(caches[0].k.shape)
+    shapes = [whole, whole[1:], (whole[0] - 1, *whole[1:])]
+    assert codes and not any(f"empty_strided_cpu({shape}" in code for code in codes for shape in shapes)
+
+
+@pytest.mark.parametrize("per_layer_index", [False, True])
+def test_cache_write_under_vmap_writes_each_layers_slice(per_layer_index):
+    cache = torch.zeros(5, 2, 3, 6, 4)
+    expected = cache.clone()
+    source = torch.randn(3, 2, 3, 2, 4)
+    index = torch.tensor([[4, 1], [0, 5], [2, 3]]) if per_layer_index else torch.tensor([4, 1])
+
+    def write(layer_cache, layer_source, layer_index):
+        cache_write_(layer_cache, -2, layer_index, layer_source)
+        return layer_cache.sum()
+
+    torch.vmap(write, in_dims=(0, 0, 0 if per_layer_index else None))(cache[1:4], source, index)
+    for layer in range(3):
+        layer_index = index[layer] if per_layer_index else index
+        expected[1 + layer].index_copy_(2, layer_index, source[layer])
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
