@@ -36,6 +36,8 @@ def _cache_write_batched(info: Any, in_dims: tuple, cache: Tensor, dim: int, ind
         raise ValueError("snlp::cache_write_ under vmap writes one cache from every batch entry; batch the cache")
     cache = cache.movedim(cache_dim, 0)
     source = source.expand(info.batch_size, *source.shape) if source_dim is None else source.movedim(source_dim, 0)
+    if not -cache.dim() < dim < cache.dim() - 1:  # cache.dim() counts the batch dim
+        raise IndexError(f"snlp::cache_write_: dim must be in [{1 - cache.dim()}, {cache.dim() - 2}], got {dim}")
     if index_dim is None:
         cache_write_(cache, dim % (cache.dim() - 1) + 1, index, source)
     else:

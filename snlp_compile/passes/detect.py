@@ -138,32 +138,39 @@ def _meta(node: Node) -> tuple:
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+def written_arg(node: Node) -> tuple[tuple, Node] | None:
+    """(position in the node's args as `flat_args` names it, node) of what an in-place op writes
+    (the first written node for an op that writes several), or None for a pure op."""
+    first = ("args", 0), node.args[0] if node.args else None
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return first if isinstance(first[1], Node) else None
+    if node.op != "call_function":
+        return None
+    if isinstance(node.target, torch._ops.OpOverload):  # the schema says which arguments it writes
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                path = ("args", i) if i < len(node.args) else ("kwargs", arg.name)
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                many = isinstance(value, (list, tuple))
+                items = [((*path, j), item) for j, item in enumerate(value)] if many else [(path, value)]
+                for item_path, item in items:
+                    if isinstance(item, Node):
+                        return item_path, item
+        return None
+    if node.target in _INPLACE_FUNCTIONS:
+        return first if isinstance(first[1], Node) else None
+    name = getattr(node.target, "__name__", "")
+    is_operator = node.target in vars(operator).values()  # operator.and_ etc. are pure
+    if not is_operator and name.endswith("_") and not name.endswith("__") and isinstance(first[1], Node):
+        return first
+    out = node.kwargs.get("out")
+    return (("kwargs", "out"), out) if isinstance(out, Node) else None
+
+
 def mutated_arg(node: Node) -> Node | None:
     """The node an in-place op writes to, or None for a pure op."""
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-        return node.args[0] if isinstance(node.args[0], Node) else None
-    if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload):  # the schema says which argument it writes
-            for i, arg in enumerate(node.target._schema.arguments):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                    return value if isinstance(value, Node) else None
-            return None
-        if node.target in _INPLACE_FUNCTIONS:
-            return node.args[0] if isinstance(node.args[0], Node) else None
-        name = getattr(node.target, "__name__", "")
-        is_operator = node.target in vars(operator).values()  # operator.and_ etc. are pure
-        if (
-            not is_operator
-            and name.endswith("_")
-            and not name.endswith("__")
-            and node.args
-            and isinstance(node.args[0], Node)
-        ):
-            return node.args[0]
-        if "out" in node.kwargs:
-            return node.kwargs["out"]
-    return None
+    written = written_arg(node)
+    return None if written is None else written[1]
 
 
 def _forward_closure(starts: set[Node], within: set[Node] | None = None) -> set[Node]:
@@ -384,10 +391,11 @@ def _check_chain(container: str, layers: list[Layer]) -> None:
                     "other than through its input: not a chain"
                 )
         for node in layer.nodes:
-            target = mutated_arg(node)
-            if target is None:
+            written = written_arg(node)
+            if written is None:
                 continue
-            if target in layer.nodes or (node, ("args", 0)) in layer.state_uses:
+            path, target = written
+            if target in layer.nodes or (node, path) in layer.state_uses:
                 raise NotAStack(f"{node.name} in layer {container}.{layer.module_index} writes its state in place")
             if any(target in other.inputs for other in layers if other is not layer):
                 raise NotAStack(

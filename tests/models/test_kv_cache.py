@@ -6,7 +6,7 @@ from torch._inductor.utils import run_and_get_code
 
 from snlp_compile.models import GPT, StaticKVCache
 from snlp_compile.models.kv_cache import cache_write_
-from snlp_compile.passes.detect import mutated_arg
+from snlp_compile.passes.detect import mutated_arg, written_arg
 
 
 def test_cache_write_is_index_copy_on_the_view():
@@ -22,8 +22,11 @@ def test_the_detector_reads_the_written_argument_from_the_schema():
     graph = torch.fx.Graph()
     cache, index, source = (graph.placeholder(name) for name in ("cache", "index", "source"))
     write = graph.call_function(cache_write_._opoverload, (cache, 2, index, source))
-    assert mutated_arg(write) is cache
+    assert written_arg(write) == (("args", 0), cache)
     assert mutated_arg(graph.call_function(torch.ops.aten.index_copy.default, (cache, 2, index, source))) is None
+    assert mutated_arg(graph.call_function(torch.ops.aten.index_copy_.default, (cache, 2, index, source))) is cache
+    out = graph.call_function(torch.ops.aten.add.out, (index, source), {"out": cache})
+    assert written_arg(out) == (("kwargs", "out"), cache)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,7 @@ def test_a_compiled_decode_step_writes_the_cache_in_place(make_model, compile_op
     out, codes = run_and_get_code(compiled, token, kv_cache=caches[0])
     torch.testing.assert_close(out, model(token, kv_cache=caches[1]), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(caches[0].k, caches[1].k, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(caches[0].v, caches[1].v, atol=2e-5, rtol=2e-5)
     whole = tuple(caches[0].k.shape)
     shapes = [whole, whole[1:], (whole[0] - 1, *whole[1:])]
     assert codes and not any(f"empty_strided_cpu({shape}" in code for code in codes for shape in shapes)
@@ -66,3 +70,23 @@ def test_cache_write_under_vmap_writes_each_layers_slice(per_layer_index):
         layer_index = index[layer] if per_layer_index else index
         expected[1 + layer].index_copy_(2, layer_index, source[layer])
     torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_cache_write_under_vmap_cache_on_another_dim_and_a_shared_source():
+    cache = torch.zeros(2, 3, 6, 4)  # the layers on dim 1
+    expected = cache.clone()
+    source = torch.randn(2, 1, 4)  # the same new entry for every layer
+    index = torch.tensor([5])
+
+    def write(layer_cache, layer_source, dim=1):
+        cache_write_(layer_cache, dim, index, layer_source)
+        return layer_cache.sum()
+
+    torch.vmap(write, in_dims=(1, None))(cache, source)
+    for layer in range(3):
+        expected[:, layer].index_copy_(1, index, source)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch the cache"):
+        torch.vmap(write, in_dims=(None, 0))(cache[:, 0], torch.randn(3, 2, 1, 4))
+    with pytest.raises(IndexError, match="dim must be in"):
+        torch.vmap(write, in_dims=(1, None, None))(cache, source, 3)
