@@ -52,9 +52,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # SNLP configurations per preset and grid, in priority order (a time budget cuts the tail): the first
 # is the headline, the second the exactness check (iters = n_par: `check`), run right after it.
 # n_par: layers solved in parallel (n_seq = L - n_par); fuse [F], iters [K], blocks, init as in SNLPConfig.
+# n_par 1 is the sequential model through the SNLP backend's own kernels (exact): the control that
+# separates what the kernels gain from what running layers in parallel gains.
 _PAPER = [
     dict(n_par=24, iters=1),
     dict(n_par=24, iters=24, check=True),
+    dict(n_par=1, iters=1),
     dict(n_par=24, fuse=2, iters=1),
     dict(n_par=12, fuse=12, iters=1),
     dict(n_par=24, iters=2),
@@ -64,6 +67,7 @@ _PAPER = [
 _D20 = [
     dict(n_par=20, iters=1),
     dict(n_par=20, iters=20, check=True),
+    dict(n_par=1, iters=1),
     dict(n_par=16, iters=1),
     dict(n_par=20, iters=2),
     dict(n_par=20, iters=1, blocks=2),
@@ -272,6 +276,39 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, reps: i
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) for start, end in events]
+
+
+L2_DEFEAT_BYTES = 256 << 20  # bytes of operand copies per graph: several times the largest L2 (H100: 50 MB)
+
+
+def l2_defeating_copies(nbytes: int) -> int:
+    """Copies of an operand of `nbytes` that a timed graph cycles through, so that each call reads
+    HBM (as a decode step reads every layer's own weights and cache once), not the L2 cache."""
+    return max(2, min(256, L2_DEFEAT_BYTES // max(nbytes, 1)))
+
+
+def graph_time_us(fn, calls: int, reps: int = 20) -> float:
+    """Microseconds per `fn(i)` call, i in range(calls), replayed from one CUDA graph (median of reps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(calls, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()

@@ -91,3 +91,22 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_paired_bars(
+    labels: Sequence[str], series: Sequence[tuple[str, Sequence[float], str]], path: Path, xlabel: str, title: str
+) -> None:
+    """Horizontal bars, one row per label and one bar per (name, values, color) series side by side."""
+    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.4 * len(labels)))
+    height = 0.8 / len(series)
+    for i, (name, values, color) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * height
+        ax.barh([j + offset for j in range(len(labels))], values, height=height, color=color, label=name)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -175,6 +175,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="profiled calls per variant")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per variant")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per variant")
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=("inductor+cg", "inductor", "dynamo-eager"),
+        default=None,
+        help="sequential variants profiled first (default: inductor+cg, inductor; dynamo-eager on CPU; no value: none)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.max_autotune or args.gemv:
@@ -197,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         problem = DecodeProblem(model, bench, args.batch[0], args.context, args.context + 5 + 2 * args.steps, 2)
     specs = args.snlp or [f"{n_layer}:1:cg", f"{n_layer}:1"]
     base = baseline_variants(bench.device)
-    variants = [v for v in base if v.name in ("inductor+cg", "inductor", "dynamo-eager")]
+    wanted = ("inductor+cg", "inductor", "dynamo-eager") if args.baselines is None else args.baselines
+    variants = [v for v in base if v.name in wanted]
     variants += [parse_snlp(s, n_layer, bench.inner) for s in specs]
     results = []
     for variant in variants:

@@ -37,8 +37,10 @@ class SNLPConfig:
     cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
     max_autotune: let inductor autotune its GEMMs and kernel configs (max_autotune and
                 coordinate_descent_tuning, as its max-autotune modes; slower compile).
-    gemv:       inference: the parallel layers' bias-free linears run as one `snlp::linear` call,
-                a Triton batched GEMV on CUDA at <= 16 tokens per layer (decode), else bmm.
+    gemv:       inference: bias-free linears run through `snlp::linear`, a Triton GEMV on CUDA at
+                <= 16 tokens per layer (decode), else bmm / F.linear: the parallel layers' as one
+                stacked call per linear, the sequential layers' and those around the stack (the
+                LM head) one by one.
     prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".
     """
 

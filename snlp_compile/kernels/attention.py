@@ -8,7 +8,9 @@ Invariants:
 
 - forward and backward equal `F.scaled_dot_product_attention` and its autograd gradient;
 - under vmap the layer axis is folded into the batch axis: one attention call for all layers;
-- to inductor the op is opaque and calls the fused SDPA kernels at run time.
+- to inductor the op is opaque and calls the fused SDPA kernels at run time, or for a few query
+  tokens on CUDA the split-KV decode kernels of `decode_attention` (the rewrite routes decode
+  attention here when the `gemv` option asks for decode kernels).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .decode_attention import runs_decode_attention, triton_decode_attention
 
 
 def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None) -> Tensor:
@@ -36,6 +40,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is
 
 @torch.library.custom_op("snlp::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None) -> Tensor:
+    """SDPA; decode shapes on CUDA (`runs_decode_attention`) take the split-KV Triton kernels."""
+    if runs_decode_attention(q, k, v, mask, is_causal):
+        return triton_decode_attention(q, k, v, mask, scale)
     # contiguous: the fake kernel promises a contiguous result, whatever layout the backend picks
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale).contiguous()
 

@@ -31,10 +31,12 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
 from ..kernels.attention import sdpa
+from ..kernels.decode_attention import runs_decode_attention
 from ..kernels.stacked_linear import bias_free_linear
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
+from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
 
 
@@ -55,6 +57,20 @@ def _needs_batched_attention(node: Node) -> bool:
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     half = query.dtype in (torch.float16, torch.bfloat16)
     return mask is not None and query.dim() > 3 and (query.shape[0] != 1 or not half)
+
+
+def _decode_attention(node: Node) -> bool:
+    """An SDPA call that snlp::attention's split-KV decode kernels serve (`runs_decode_attention`)."""
+    if node.target is not F.scaled_dot_product_attention or len(node.args) < 3 or node.kwargs.get("dropout_p"):
+        return False
+    if node.kwargs.get("enable_gqa") or len(node.args) > 4:
+        return False
+    q, k, v = (example_value(a) if isinstance(a, Node) else None for a in node.args[:3])
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    mask = example_value(mask) if isinstance(mask, Node) else mask
+    if not all(isinstance(t, Tensor) for t in (q, k, v)) or not (mask is None or isinstance(mask, Tensor)):
+        return False
+    return runs_decode_attention(q, k, v, mask, bool(node.kwargs.get("is_causal", False)))
 
 
 def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:
@@ -87,13 +103,15 @@ def _is_bias_free_linear(node: Node) -> bool:
     return bias is None and isinstance(weight, Tensor) and weight.dim() == 2
 
 
-def _batchable_target(node: Node, gemv: bool) -> tuple[str, object]:
+def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, object]:
     """(op, target) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
     where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
-    linears through snlp::linear; otherwise the node's own."""
+    linears through snlp::linear and, in a graph for one-layer calls, decode attention through
+    snlp::attention (its split-KV kernels; a stacked call's SDPA already fills the GPU); otherwise
+    the node's own."""
     if gemv and _is_bias_free_linear(node):
         return "call_function", bias_free_linear
-    if _needs_batched_attention(node):
+    if _needs_batched_attention(node) or (gemv and one_layer and _decode_attention(node)):
         return "call_function", sdpa
     if (node.op, node.target) == ("call_method", "index_copy_") or (
         node.op == "call_function" and node.target in _INDEX_COPY_
@@ -102,9 +120,11 @@ def _batchable_target(node: Node, gemv: bool) -> tuple[str, object]:
     return node.op, node.target
 
 
-def layer_module(root: GraphModule, layer: Layer, gemv: bool = False) -> GraphModule:
-    """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: bias-free
-    linears through snlp::linear (inference only: it has no autograd formula)."""
+def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer: bool = False) -> GraphModule:
+    """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: decode kernels
+    (inference only: they have no autograd formula): bias-free linears through snlp::linear,
+    siblings of one input in one call, and with `one_layer` (a graph called for one layer at a
+    time, not under vmap) decode attention through the split-KV kernels."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
@@ -120,10 +140,12 @@ def layer_module(root: GraphModule, layer: Layer, gemv: bool = False) -> GraphMo
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        op, target = _batchable_target(node, gemv)
+        op, target = _batchable_target(node, gemv, one_layer)
         env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
+    if gemv:
+        fuse_sibling_linears(graph)
     return GraphModule(root, graph)
 
 
@@ -138,7 +160,7 @@ class GraphStack:
         return len(self.program.group_of)
 
     def layer(self, index: int, h: Tensor) -> Tensor:
-        return self.program.functions[self.program.group_of[index]](h, *self.per_layer[index])
+        return self.program.one_layer_functions[self.program.group_of[index]](h, *self.per_layer[index])
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
         end = start + hs.shape[0]
@@ -153,7 +175,7 @@ class GraphStack:
             batched, function = self.program.batched[g], self.program.functions[g]
             if b - a == 1:  # one layer: called as is (vmap could not write its unbatched in-place inputs)
                 args = [x[a] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-                parts.append((local, function(xs[0], *args).unsqueeze(0)))
+                parts.append((local, self.program.one_layer_functions[g](xs[0], *args).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
             dims = (0, *[0 if stacked else None for stacked in batched])
@@ -172,13 +194,17 @@ class StackProgram(nn.Module):
     def __init__(
         self,
         functions: list[GraphModule],
+        one_layer_functions: list[GraphModule] | None,
         groups: list[list[int]],
         batched: list[list[bool]],
         recipes: list[SurrogateRecipe],
         config: SNLPConfig,
     ):
         super().__init__()
-        self.functions = nn.ModuleList(functions)
+        self.functions = nn.ModuleList(functions)  # called under vmap for several layers at once
+        # called for one layer at a time (sequential layers, one-layer blocks); the same modules unless
+        # one-layer calls take other kernels
+        self.one_layer_functions = self.functions if one_layer_functions is None else nn.ModuleList(one_layer_functions)
         self.groups, self.batched, self.recipes, self.config = groups, batched, recipes, config
         self.group_of = [0] * sum(len(g) for g in groups)
         for g, members in enumerate(groups):
@@ -322,8 +348,10 @@ def rewrite_stack(
                 name = f"snlp_stacked_g{g}_i{k}"
                 added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
+    gemv = config.gemv and not training
     program = StackProgram(
-        [layer_module(gm, layers[m[0]], config.gemv and not training) for m in match.groups],
+        [layer_module(gm, layers[m[0]], gemv) for m in match.groups],
+        [layer_module(gm, layers[m[0]], gemv, one_layer=True) for m in match.groups] if gemv else None,
         match.groups,
         batched,
         recipes,
@@ -336,6 +364,8 @@ def rewrite_stack(
             continue
         if node is not last:
             env[node] = graph.node_copy(node, env.__getitem__)
+            if gemv and _is_bias_free_linear(node):  # e.g. the LM head: one GEMV at decode
+                env[node].target = bias_free_linear
             continue
         per_group = []
         for g, slots in enumerate(plans):

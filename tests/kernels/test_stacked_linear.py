@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from snlp_compile import SNLPConfig
-from snlp_compile.kernels.stacked_linear import linear, reference_stacked_linear, stacked_linear
+from snlp_compile.kernels.stacked_linear import gemv_tiles, linear, reference_stacked_linear, stacked_linear
 from snlp_compile.models import GPT, GPTConfig
 
 
@@ -22,29 +22,57 @@ def test_triton_kernel_under_the_interpreter():
     code = textwrap.dedent(
         """
         import torch
-        from snlp_compile.kernels.stacked_linear import reference_stacked_linear, triton_stacked_linear
+        import torch.nn.functional as F
+        from snlp_compile.kernels import stacked_linear as gemv
+        from snlp_compile.kernels.stacked_linear import GemvTiles, reference_stacked_linear, triton_stacked_linear
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
             for m, n, k in ((1, 70, 130), (3, 64, 128), (16, 5, 33)):
                 x, w = torch.randn(3, m, k, dtype=dtype), torch.randn(3, n, k, dtype=dtype)
-                y = triton_stacked_linear(x, w, block_n=32, block_k=32)
-                torch.testing.assert_close(triton_stacked_linear(x, w), y, atol=tol, rtol=tol)  # default blocks
+                y = triton_stacked_linear(x, [w], GemvTiles(32, 32, 4, 2))
+                torch.testing.assert_close(triton_stacked_linear(x, [w]), y, atol=tol, rtol=tol)  # default tiles
                 w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided: read in place
-                torch.testing.assert_close(triton_stacked_linear(x, w_t), y, atol=tol, rtol=tol)
+                torch.testing.assert_close(triton_stacked_linear(x, [w_t]), y, atol=tol, rtol=tol)
                 assert y.dtype == dtype and y.shape == (3, m, n)
-                torch.testing.assert_close(y, reference_stacked_linear(x, w), atol=tol, rtol=tol)
-        for bad in ((torch.randn(2, 17, 8), torch.randn(2, 4, 8)), (torch.randn(2, 1, 8), torch.randn(3, 4, 8))):
+                torch.testing.assert_close(y, reference_stacked_linear(x, [w]), atol=tol, rtol=tol)
+            # siblings: four weights of different widths, one shared by every layer (stride 0), one launch
+            x = torch.randn(3, 2, 40, dtype=dtype)
+            ws = [torch.randn(3, 24, 40, dtype=dtype), torch.randn(3, 8, 40, dtype=dtype)]
+            ws += [torch.randn(40, 40, dtype=dtype).expand(3, 40, 40), torch.randn(3, 33, 40, dtype=dtype)]
+            for count in (2, 3, 4):
+                y = triton_stacked_linear(x, ws[:count], GemvTiles(16, 32, 4, 2))
+                torch.testing.assert_close(y, reference_stacked_linear(x, ws[:count]), atol=tol, rtol=tol)
+        bad_shapes = (
+            (torch.randn(2, 17, 8), [torch.randn(2, 4, 8)]),
+            (torch.randn(2, 1, 8), [torch.randn(3, 4, 8)]),
+            (torch.randn(2, 1, 8), [torch.randn(2, 4, 8)] * 5),
+        )
+        for x, ws in bad_shapes:
             try:
-                triton_stacked_linear(*bad)
+                triton_stacked_linear(x, ws)
             except ValueError as error:
                 assert "1 <= M <= 16" in str(error)
             else:
                 raise AssertionError("bad shapes accepted")
+        gemv._runs_gemv = lambda x, weights, rows: True  # as on CUDA: one layer's linears take the kernel
+        x = torch.randn(2, 3, 40, dtype=torch.float16)
+        ws = [torch.randn(24, 40, dtype=torch.float16), torch.randn(16, 40, dtype=torch.float16)]
+        expected = torch.cat([F.linear(x, w) for w in ws], -1)
+        torch.testing.assert_close(gemv.linear(x, ws), expected, atol=1e-2, rtol=1e-2)
         print("ok")
         """
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layers, n, k", [(1, 640, 640), (24, 2560, 640), (20, 1280, 5120), (1, 65536, 1280)])
+def test_gemv_tiles_fill_the_gpu_and_fit_the_shape(layers, n, k):
+    tiles = gemv_tiles(layers, n, k)
+    assert tiles.block_n in (16, 32, 64, 128) and tiles.block_k in (128, 256)
+    assert tiles.num_stages * (tiles.block_n + 16) * tiles.block_k * 2 <= 227 * 1024  # H100 shared memory
+    if tiles.block_n < 64:  # narrow tiles only where wide ones would launch few programs
+        assert layers * -(-n // 64) < 200
 
 
 class OpLog(TorchDispatchMode):
@@ -60,24 +88,43 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("x_batched", [True, False])
-def test_linear_under_vmap_is_one_stacked_call(x_batched):
-    weight = torch.randn(4, 6, 8)
+@pytest.mark.parametrize("siblings", [1, 3])
+def test_linear_under_vmap_is_one_stacked_call(x_batched, siblings):
+    weights = [torch.randn(4, 6 + i, 8) for i in range(siblings)]
     x = torch.randn(4, 2, 3, 8) if x_batched else torch.randn(2, 3, 8)
     with OpLog() as log:
-        out = torch.vmap(linear, in_dims=(0 if x_batched else None, 0))(x, weight)
+        out = torch.vmap(linear, in_dims=(0 if x_batched else None, [0] * siblings))(x, weights)
     assert log.ops.count(torch.ops.snlp.stacked_linear.default) == 1
-    expected = torch.stack([F.linear(x[i] if x_batched else x, weight[i]) for i in range(4)])
+    expected = torch.stack(
+        [torch.cat([F.linear(x[i] if x_batched else x, w[i]) for w in weights], -1) for i in range(4)]
+    )
     torch.testing.assert_close(out, expected)
     flat = (x if x_batched else x.expand(4, *x.shape)).reshape(4, 6, 8)
-    torch.testing.assert_close(stacked_linear(flat, weight), reference_stacked_linear(flat, weight))
+    torch.testing.assert_close(stacked_linear(flat, weights), reference_stacked_linear(flat, weights))
+
+
+def test_siblings_with_one_weight_shared_by_all_layers_stay_one_call():
+    x, own, shared = torch.randn(4, 3, 8), torch.randn(4, 6, 8), torch.randn(5, 8)
+    with OpLog() as log:
+        out = torch.vmap(linear, in_dims=(0, [0, None]))(x, [own, shared])
+    assert log.ops.count(torch.ops.snlp.stacked_linear.default) == 1
+    expected = torch.cat([torch.stack([F.linear(x[i], own[i]) for i in range(4)]), F.linear(x, shared)], -1)
+    torch.testing.assert_close(out, expected)
 
 
 def test_a_weight_shared_by_all_layers_is_one_plain_linear():
     x, weight = torch.randn(4, 3, 8), torch.randn(6, 8)
     with OpLog() as log:
-        out = torch.vmap(linear, in_dims=(0, None))(x, weight)
+        out = torch.vmap(linear, in_dims=(0, [None]))(x, [weight])
     assert torch.ops.snlp.stacked_linear.default not in log.ops
     torch.testing.assert_close(out, F.linear(x, weight))
+
+
+def test_bad_weight_lists_are_rejected():
+    with pytest.raises(ValueError, match="non-empty list of 2-D"):
+        linear(torch.randn(2, 8), [])
+    with pytest.raises(ValueError, match="non-empty list of 3-D"):
+        stacked_linear(torch.randn(2, 1, 8), [torch.randn(4, 8)])
 
 
 def test_gemv_is_not_used_for_training_and_not_exported():

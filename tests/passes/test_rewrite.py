@@ -32,11 +32,15 @@ def test_index_copy_under_vmap_with_a_per_layer_index():
     assert torch.equal(caches, expected)
 
 
-@pytest.mark.parametrize("gemv, inner", [(False, "eager"), (True, "eager"), (True, "inductor")])
-def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkeypatch, gemv, inner):
+@pytest.mark.parametrize(
+    "gemv, inner, n_seq", [(False, "eager", 0), (True, "eager", 0), (True, "inductor", 0), (True, "eager", 2)]
+)
+def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkeypatch, gemv, inner, n_seq):
     """iters = n_layer: the cache and logits equal the eager step's, vmap never falls back to a
-    per-layer loop for the cache write (its warning is an error here), and with gemv the layer
-    graphs call snlp::linear for their six linears (q, k, v, attention out, MLP in and out)."""
+    per-layer loop for the cache write (its warning is an error here), also with sequential
+    layers before the block (n_seq), and with gemv the layer
+    graphs call snlp::linear for their six linears (q, k and v in one call; attention out, MLP in
+    and out) and the graph around the stack for its LM head."""
     from snlp_compile.backends import dynamo
 
     graphs, real = [], dynamo.inner_compile
@@ -47,7 +51,7 @@ def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkey
     model = GPT(GPTConfig.preset("tiny")).eval()
     prompt, token = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 1))
     caches = [StaticKVCache(model.config, 2, 12) for _ in range(2)]
-    options = dict(iters=4, inner=inner, fallback="error", gemv=gemv)
+    options = dict(iters=4, inner=inner, fallback="error", gemv=gemv, n_seq=n_seq)
     compiled = torch.compile(model, backend="snlp", options=options)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="There is a performance drop")
@@ -60,7 +64,12 @@ def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkey
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)
     assert int(caches[1].pos) == int(caches[0].pos) == 6
     targets = [n.target for n in graphs[0].snlp_stack.functions[0].graph.nodes]
-    assert targets.count(bias_free_linear) == (6 if gemv else 0)
+    assert targets.count(bias_free_linear) == (3 if gemv else 0)  # attention out, MLP in and out
+    assert targets.count(torch.ops.snlp.linear.default) == (1 if gemv else 0)  # q, k and v in one call
+    program = graphs[0].snlp_stack
+    assert (program.one_layer_functions is program.functions) != gemv  # one-layer calls: their own graphs
+    outer = [n.target for n in graphs[0].graph.nodes]
+    assert outer.count(bias_free_linear) == (1 if gemv else 0)  # the LM head
 
 
 @pytest.mark.parametrize(

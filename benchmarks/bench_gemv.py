@@ -1,0 +1,147 @@
+"""Decode GEMVs: the Triton kernel of `snlp::linear` against cuBLAS at every linear shape of a preset.
+
+    python3 benchmarks/bench_gemv.py --preset d20 paper-0.5b --out OUT [--sweep]
+
+For each preset the shapes are its layers' linears as one stack of the parallel layers (n_par) and
+as one layer (the sequential layers), plus the LM head, at 1 token per layer (batch 1 decode).
+Each variant is captured in a CUDA graph that calls it on enough distinct weight copies to defeat
+the L2 cache (as a decode step reads every layer's own weights once), so the time per call is
+what a CUDA-graphed decode step pays. `--sweep` also times a grid of tile configurations and
+reports the best, the data behind `gemv_tiles`. Prints a table; writes gemv.json and gemv.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    environment,
+    format_table,
+    graph_time_us,
+    l2_defeating_copies,
+    setup_logging,
+    write_json,
+)
+from benchmarks.plot import plot_paired_bars
+from snlp_compile.kernels.stacked_linear import GemvTiles, gemv_tiles, triton_stacked_linear
+from snlp_compile.models import GPTConfig
+
+logger = logging.getLogger("snlp_compile")
+
+_SWEEP = [
+    GemvTiles(n, k, w, s) for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 6))
+]
+
+
+def shapes(preset: str, n_par: int) -> list[dict[str, Any]]:
+    """Every decode linear of the preset as (name, layers, widths N_i, K), for the n_par stack and one
+    layer, plus the LM head; q, k and v are siblings of one input (one launch of the kernel)."""
+    config = GPTConfig.preset(preset)
+    d, kv, vocab = config.n_embd, config.n_kv_head * config.head_dim, config.vocab_size
+    per_layer = {"q+k+v": ([d, kv, kv], d), "o": ([d], d), "mlp in": ([4 * d], d), "mlp out": ([d], 4 * d)}
+    rows = [
+        dict(preset=preset, linear=name, layers=layers, n=widths, k=k)
+        for layers in (n_par, 1)
+        for name, (widths, k) in per_layer.items()
+    ]
+    rows.append(dict(preset=preset, linear="lm head", layers=1, n=[vocab], k=d))
+    return rows
+
+
+def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """cuBLAS (one call per weight, as a sequential model runs them) against the Triton kernel (one launch)."""
+    layers, widths, k = row["layers"], row["n"], row["k"]
+    nbytes = layers * sum(widths) * k * torch.finfo(dtype).bits // 8
+    copies = l2_defeating_copies(nbytes)
+    weights = [[torch.randn(layers, n, k, device="cuda", dtype=dtype) for n in widths] for _ in range(copies)]
+    x = torch.randn(layers, 1, k, device="cuda", dtype=dtype)
+    ref = torch.cat([torch.bmm(x.float(), w.float().transpose(1, 2)) for w in weights[0]], -1)
+    err = (triton_stacked_linear(x, weights[0]).float() - ref).abs().max().item() / ref.abs().max().item()
+
+    def cublas(i: int) -> None:
+        for w in weights[i % copies]:
+            if layers == 1:
+                F.linear(x[0], w[0])
+            else:
+                torch.bmm(x, w.transpose(1, 2))
+
+    def triton_time(tiles: GemvTiles) -> float:
+        return graph_time_us(lambda i: triton_stacked_linear(x, weights[i % copies], tiles), copies)
+
+    cublas_us = graph_time_us(cublas, copies)
+    tiles = gemv_tiles(layers, sum(widths), k)
+    triton_us = triton_time(tiles)
+    out = dict(row, mbytes=nbytes / 1e6, cublas_us=cublas_us, triton_us=triton_us, tiles=list(tiles), rel_err=err)
+    out["cublas_tbps"], out["triton_tbps"] = nbytes / cublas_us / 1e6, nbytes / triton_us / 1e6
+    if sweep:
+        timed = []
+        for t in _SWEEP:
+            try:
+                timed.append((triton_time(t), t))
+            except Exception as error:  # noqa: BLE001  (a tile that needs more shared memory than the GPU has)
+                logger.info("gemv tiles %s skipped: %s", t, str(error).splitlines()[0])
+        out["best_us"], best = min(timed, key=lambda pair: pair[0])
+        out["best_tiles"] = list(best)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    labels = [f"{r['preset']} {r['linear']} x{r['layers']}" for r in rows]
+    series = [
+        ("cuBLAS, one call per weight", [r["cublas_tbps"] for r in rows], "tab:gray"),
+        ("Triton GEMV, one launch", [r["triton_tbps"] for r in rows], "tab:blue"),
+    ]
+    xlabel = "weight bytes read per second (TB/s)"
+    plot_paired_bars(labels, series, path, xlabel, "Decode GEMV, 1 token per layer, in a CUDA graph")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", nargs="+", default=["d20", "paper-0.5b"])
+    parser.add_argument("--n-par", nargs="+", type=int, default=None, help="stack size per preset (default: 20, 24)")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    args = parser.parse_args()
+    setup_logging()
+    if not torch.cuda.is_available():
+        parser.error("bench_gemv.py times CUDA kernels and needs a GPU")
+    n_par = args.n_par or [{"d20": 20, "paper-0.5b": 24}.get(p, GPTConfig.preset(p).n_layer) for p in args.preset]
+    if len(n_par) != len(args.preset):
+        parser.error(f"--n-par needs one value per preset ({len(args.preset)}), got {len(n_par)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = dict(question="gemv", env=environment(torch.device("cuda")), settings=dict(dtype="bfloat16"), rows=[])
+    for preset, layers in zip(args.preset, n_par, strict=True):
+        for row in shapes(preset, layers):
+            doc["rows"].append(measure(row, args.sweep, torch.bfloat16))
+            torch.cuda.empty_cache()
+            logger.info("gemv %s", doc["rows"][-1])
+            write_json(args.out / "gemv.json", doc)
+    headers = ["preset", "linear", "layers", "N x K", "MB", "cuBLAS us", "Triton us", "Triton TB/s", "tiles"]
+    if args.sweep:
+        headers += ["best us", "best tiles"]
+    cells = []
+    for r in doc["rows"]:
+        cell = [
+            r["preset"],
+            r["linear"],
+            str(r["layers"]),
+            f"{'+'.join(map(str, r['n']))} x {r['k']}",
+            f"{r['mbytes']:.1f}",
+        ]
+        cell += [f"{r['cublas_us']:.2f}", f"{r['triton_us']:.2f}", f"{r['triton_tbps']:.2f}", str(tuple(r["tiles"]))]
+        if args.sweep:
+            cell += [f"{r['best_us']:.2f}", str(tuple(r["best_tiles"]))]
+        cells.append(cell)
+    print(format_table(headers, cells))
+    plot(doc["rows"], args.out / "gemv.png")
+
+
+if __name__ == "__main__":
+    main()

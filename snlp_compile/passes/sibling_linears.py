@@ -1,0 +1,60 @@
+"""Sibling linears: bias-free linears of one input (q, k and v; gate and up) as one `snlp::linear`.
+
+At decode each linear of a layer is a GEMV whose time is mostly launch and memory latency, so
+reading the siblings' weights in one launch saves launches in every sequential layer (and in
+the stacked block). Invariants:
+
+- only `bias_free_linear` calls of a layer graph are fused, in groups of at most MAX_SIBLINGS that
+  read the same input node, whose weights are defined before the first of them, and whose output
+  has at most GEMV_MAX_TOKENS rows (decode shapes: longer inputs keep their own GEMMs, where a
+  concatenated output would only add a copy);
+- each fused linear's value is the same slice of the one call's output (`torch.narrow` on the
+  last dim), so every user sees the values it saw before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+from ..kernels.stacked_linear import GEMV_MAX_TOKENS, MAX_SIBLINGS, bias_free_linear
+from .detect import example_value
+
+
+def _decode_linear(node: Node) -> bool:
+    if node.op != "call_function" or node.target is not bias_free_linear or len(node.args) < 2:
+        return False
+    if any(value is not None for value in (*node.args[2:], *node.kwargs.values())):  # bias=None only
+        return False
+    out = example_value(node)
+    return isinstance(out, torch.Tensor) and out.dim() >= 1 and out.numel() <= GEMV_MAX_TOKENS * out.shape[-1]
+
+
+def fuse_sibling_linears(graph: Graph) -> int:
+    """Fuse the sibling linears of `graph` in place; returns the number of calls that replaced them."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    siblings: dict[Node, list[Node]] = {}
+    for node in graph.nodes:
+        if _decode_linear(node) and isinstance(node.args[0], Node):
+            siblings.setdefault(node.args[0], []).append(node)
+    fused = 0
+    for x, nodes in siblings.items():
+        for start in range(0, len(nodes), MAX_SIBLINGS):
+            group = nodes[start : start + MAX_SIBLINGS]
+            first = group[0]
+            weights = [n.args[1] for n in group]
+            if len(group) < 2 or any(isinstance(w, Node) and order[w] > order[first] for w in weights):
+                continue
+            with graph.inserting_before(first):
+                call = graph.call_function(torch.ops.snlp.linear.default, (x, weights))
+                offset = 0
+                for node in group:
+                    width = example_value(node).shape[-1]
+                    part = graph.call_function(torch.narrow, (call, -1, offset, width))
+                    part.meta = dict(node.meta)
+                    node.replace_all_uses_with(part)
+                    offset += width
+            for node in group:
+                graph.erase_node(node)
+            fused += 1
+    return fused
