@@ -287,7 +287,7 @@ def l2_defeating_copies(nbytes: int) -> int:
     return max(2, min(256, L2_DEFEAT_BYTES // max(nbytes, 1)))
 
 
-def graph_time_us(fn, calls: int, reps: int = 20) -> float:
+def graph_time_us(fn: Callable[[int], Any], calls: int, reps: int = 20) -> float:
     """Microseconds per `fn(i)` call, i in range(calls), replayed from one CUDA graph (median of reps)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

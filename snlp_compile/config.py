@@ -37,10 +37,12 @@ class SNLPConfig:
     cudagraphs: let inductor wrap the rewritten graph in CUDA graphs (GPU only).
     max_autotune: let inductor autotune its GEMMs and kernel configs (max_autotune and
                 coordinate_descent_tuning, as its max-autotune modes; slower compile).
-    gemv:       inference: bias-free linears run through `snlp::linear`, a Triton GEMV on CUDA at
-                <= 16 tokens per layer (decode), else bmm / F.linear: the parallel layers' as one
-                stacked call per linear, the sequential layers' and those around the stack (the
-                LM head) one by one.
+    gemv:       inference decode kernels (CUDA, <= 16 tokens per layer; else bmm / F.linear /
+                SDPA): bias-free linears through `snlp::linear`'s Triton GEMV (the parallel
+                layers' as one stacked call, sibling linears of one input such as q, k, v in one
+                launch, the sequential layers' and the LM head one by one), and one-layer decode
+                attention through `snlp::decode_attention`'s split-KV kernels. Pays only with
+                CUDA graphs (the backend warns otherwise).
     prefill:    how decode-capable graphs handle a multi-token prompt: "snlp" or "sequential".
     """
 

@@ -49,6 +49,18 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig)
     return compile_fx(gm, list(example_inputs), config_patches={k: v for k, v in patches.items() if v})
 
 
+def warn_gemv_without_cudagraphs(config: SNLPConfig, example_inputs: Sequence, training: bool) -> None:
+    """Log once per compile when the decode kernels would run on CUDA without CUDA graphs, where each
+    of their launches costs Python host time and the step is slower than without them (not when
+    training, where gemv is off)."""
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    if config.gemv and not training and not (config.cudagraphs and config.inner == "inductor") and on_cuda:
+        logger.warning(
+            "snlp: gemv=True without CUDA graphs launches each decode kernel from Python, which makes a step "
+            "slower than gemv=False; pass cudagraphs=True (or mode='reduce-overhead') with inner='inductor'"
+        )
+
+
 def is_training(example_inputs: Sequence) -> bool:
     """Gradients will flow: the stacking of weights must be part of the graph."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
@@ -79,7 +91,8 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
     config = config.replace(**_MODES[mode])
     try:
         match, recipes, config = analyse(gm, config)
-        new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), is_training(example_inputs))
+        training = is_training(example_inputs)
+        new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), training)
     except NotAStack as why:
         if config.fallback == "error":
             raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
@@ -101,6 +114,7 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
             "them in place with no copy)",
             weights.copied_bytes / 2**20,
         )
+    warn_gemv_without_cudagraphs(config, example_inputs, training)
     kinds = "/".join(sorted({r.kind for r in recipes}))
     logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
 

@@ -8,9 +8,7 @@ Invariants:
 
 - forward and backward equal `F.scaled_dot_product_attention` and its autograd gradient;
 - under vmap the layer axis is folded into the batch axis: one attention call for all layers;
-- to inductor the op is opaque and calls the fused SDPA kernels at run time, or for a few query
-  tokens on CUDA the split-KV decode kernels of `decode_attention` (the rewrite routes decode
-  attention here when the `gemv` option asks for decode kernels).
+- to inductor the op is opaque and calls the fused SDPA kernels at run time.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decode_attention import runs_decode_attention, triton_decode_attention
+from .decode_attention import decode_attention
 
 
 def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None) -> Tensor:
@@ -40,9 +38,6 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is
 
 @torch.library.custom_op("snlp::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float | None) -> Tensor:
-    """SDPA; decode shapes on CUDA (`runs_decode_attention`) take the split-KV Triton kernels."""
-    if runs_decode_attention(q, k, v, mask, is_causal):
-        return triton_decode_attention(q, k, v, mask, scale)
     # contiguous: the fake kernel promises a contiguous result, whatever layout the backend picks
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale).contiguous()
 
@@ -137,8 +132,12 @@ def sdpa(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    decode: bool = False,
 ) -> Tensor:
-    """Drop-in for F.scaled_dot_product_attention (no dropout, no GQA flag) through snlp::attention."""
-    if dropout_p or enable_gqa:
-        raise ValueError("snlp attention supports dropout_p=0 and enable_gqa=False only")
+    """Drop-in for F.scaled_dot_product_attention (no dropout, no GQA flag) through snlp::attention;
+    with `decode` (one layer's decode step, inference, no causal flag) through snlp::decode_attention."""
+    if dropout_p or enable_gqa or (decode and is_causal):
+        raise ValueError("snlp attention supports dropout_p=0 and enable_gqa=False only, and no is_causal with decode")
+    if decode:
+        return decode_attention(query, key, value, attn_mask, scale)
     return attention(query, key, value, attn_mask, is_causal, scale)

@@ -1,4 +1,4 @@
-"""Split-KV ("flash decoding") attention for a few query tokens: the decode path of `snlp::attention`.
+"""Split-KV ("flash decoding") attention for a few query tokens: `snlp::decode_attention`.
 
 At decode each layer attends 1 to 16 new tokens over a whole static KV cache. A prefill kernel
 (cuDNN's flash attention) spends one program per head on that and needs a second reduction
@@ -9,9 +9,11 @@ its log-sum-exp, and a second kernel combines the splits. Invariants:
   `attention.reference_attention`) for q [..., T, D], k and v [..., S, D] with 1 <= T <= 16, a
   boolean mask broadcastable to [..., T, S] (True = attend) or none, accumulated in float32;
   a query row with no key to attend gives zeros;
-- it serves CUDA 16-bit inputs with few batch x heads rows (`runs_decode_attention`: one
-  sequential layer's decode attention, not a stacked block's); the kernels also run on CPU under
-  TRITON_INTERPRET=1 (tests); inputs are read at their strides where the batch axes merge.
+- `snlp::decode_attention` (what the rewrite calls, with `gemv=True`, in graphs that run one
+  layer at a time) takes the kernels for CUDA 16-bit inputs with few batch x heads rows
+  (`runs_decode_attention`), else SDPA; it is inference only (no autograd formula, no vmap rule);
+- the kernels also run on CPU under TRITON_INTERPRET=1 (tests); inputs are read at their strides
+  where the batch axes merge (a per-batch mask broadcast over heads is copied).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -43,10 +46,18 @@ class DecodeTiles(NamedTuple):
 
 
 def decode_tiles(rows: int, keys: int) -> DecodeTiles:
-    """Splits for `rows` (batch x heads) attending `keys` keys: as few keys per split as still
-    launch about two programs per SM, so that each program's serial loop stays short."""
+    """Splits for `rows` (batch x heads) attending `keys` keys: at least 64 keys per split and at most
+    about 264 / rows splits (two programs per SM of an H100), so that each program's serial loop
+    stays short without splitting finer than one key block."""
     steps = -(-keys // (_BLOCK_S * max(1, _TARGET_PROGRAMS // max(rows, 1))))
     return DecodeTiles(keys_per_split=_BLOCK_S * max(1, steps))
+
+
+def _broadcasts(mask: Tensor, q: Tensor, k: Tensor) -> bool:
+    try:
+        return torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])) == (*q.shape[:-1], k.shape[-2])
+    except RuntimeError:
+        return False
 
 
 def runs_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> bool:
@@ -56,8 +67,8 @@ def runs_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     program per row already fills the GPU and streams the cache faster."""
     half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
     shapes = q.dim() >= 2 and k.shape == v.shape and k.shape[:-2] == q.shape[:-2] and k.shape[-1] == q.shape[-1]
-    shapes = shapes and math.prod(q.shape[:-2]) <= SPLIT_KV_MAX_ROWS
-    masked = mask is None or mask.dtype == torch.bool
+    shapes = shapes and math.prod(q.shape[:-2]) <= SPLIT_KV_MAX_ROWS and k.device == v.device == q.device
+    masked = mask is None or (mask.dtype == torch.bool and mask.device == q.device and _broadcasts(mask, q, k))
     fits = shapes and 1 <= q.shape[-2] <= DECODE_MAX_QUERIES and k.shape[-2] >= 1
     return q.is_cuda and triton is not None and half and masked and fits and not is_causal
 
@@ -180,3 +191,17 @@ def triton_decode_attention(
         BLOCK_P=max(2, triton.next_power_of_2(splits)), BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
     return y.reshape(*batch, T, D)
+
+
+@torch.library.custom_op("snlp::decode_attention", mutates_args=())
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """softmax(q k^T * scale + mask) v at one layer's decode step: the split-KV kernels where
+    `runs_decode_attention`, else SDPA (contiguous, as the fake kernel promises)."""
+    if runs_decode_attention(q, k, v, mask, False):
+        return triton_decode_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

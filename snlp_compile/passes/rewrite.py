@@ -22,6 +22,7 @@ Invariants of the rewritten graph:
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,38 +40,46 @@ from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, 
 from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_arguments(node: Node) -> dict[str, Any] | None:
+    """The arguments (by name) of an F.scaled_dot_product_attention call without dropout or GQA flag;
+    None for any other node."""
+    if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        return None
+    bound = {**dict(zip(_SDPA_ARGS, node.args, strict=False)), **node.kwargs}
+    return None if bound.get("dropout_p") or bound.get("enable_gqa") else bound
+
+
+def _traced(value: object) -> object:
+    return example_value(value) if isinstance(value, Node) else value
+
 
 def _needs_batched_attention(node: Node) -> bool:
     """Route an SDPA call through snlp::attention where vmap's own batching falls short: on CPU
     (no batching rule: a loop over layers) and on CUDA with a mask where SDPA picks its efficient
     kernel, which rejects the vmapped mask: batch > 1, or a float32 query at any batch. Elsewhere
     (16-bit, batch 1) vmap's rule is kept: it lets inductor see SDPA."""
-    if (
-        node.target is not F.scaled_dot_product_attention
-        or node.kwargs.get("dropout_p")
-        or node.kwargs.get("enable_gqa")
-    ):
+    args = _sdpa_arguments(node)
+    if args is None:
         return False
-    query = example_value(node.args[0]) if isinstance(node.args[0], Node) else None
+    query = _traced(args.get("query"))
     if not isinstance(query, Tensor) or query.device.type != "cuda":
         return True
-    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     half = query.dtype in (torch.float16, torch.bfloat16)
-    return mask is not None and query.dim() > 3 and (query.shape[0] != 1 or not half)
+    return args.get("attn_mask") is not None and query.dim() > 3 and (query.shape[0] != 1 or not half)
 
 
 def _decode_attention(node: Node) -> bool:
-    """An SDPA call that snlp::attention's split-KV decode kernels serve (`runs_decode_attention`)."""
-    if node.target is not F.scaled_dot_product_attention or len(node.args) < 3 or node.kwargs.get("dropout_p"):
+    """An SDPA call that snlp::decode_attention's split-KV kernels serve (`runs_decode_attention`)."""
+    args = _sdpa_arguments(node)
+    if args is None:
         return False
-    if node.kwargs.get("enable_gqa") or len(node.args) > 4:
-        return False
-    q, k, v = (example_value(a) if isinstance(a, Node) else None for a in node.args[:3])
-    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    mask = example_value(mask) if isinstance(mask, Node) else mask
+    q, k, v, mask = (_traced(args.get(name)) for name in _SDPA_ARGS[:4])
     if not all(isinstance(t, Tensor) for t in (q, k, v)) or not (mask is None or isinstance(mask, Tensor)):
         return False
-    return runs_decode_attention(q, k, v, mask, bool(node.kwargs.get("is_causal", False)))
+    return runs_decode_attention(q, k, v, mask, bool(args.get("is_causal", False)))
 
 
 def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tensor:
@@ -103,21 +112,23 @@ def _is_bias_free_linear(node: Node) -> bool:
     return bias is None and isinstance(weight, Tensor) and weight.dim() == 2
 
 
-def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, object]:
-    """(op, target) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
+def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, object, dict[str, Any]]:
+    """(op, target, extra kwargs) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
     where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
     linears through snlp::linear and, in a graph for one-layer calls, decode attention through
-    snlp::attention (its split-KV kernels; a stacked call's SDPA already fills the GPU); otherwise
-    the node's own."""
+    snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU);
+    otherwise the node's own."""
     if gemv and _is_bias_free_linear(node):
-        return "call_function", bias_free_linear
-    if _needs_batched_attention(node) or (gemv and one_layer and _decode_attention(node)):
-        return "call_function", sdpa
+        return "call_function", bias_free_linear, {}
+    if gemv and one_layer and _decode_attention(node):
+        return "call_function", sdpa, {"decode": True}
+    if _needs_batched_attention(node):
+        return "call_function", sdpa, {}
     if (node.op, node.target) == ("call_method", "index_copy_") or (
         node.op == "call_function" and node.target in _INDEX_COPY_
     ):
-        return "call_function", index_copy_
-    return node.op, node.target
+        return "call_function", index_copy_, {}
+    return node.op, node.target, {}
 
 
 def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer: bool = False) -> GraphModule:
@@ -140,8 +151,8 @@ def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        op, target = _batchable_target(node, gemv, one_layer)
-        env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
+        op, target, extra = _batchable_target(node, gemv, one_layer)
+        env[node] = graph.create_node(op, target, args, {**kwargs, **extra}, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
     if gemv:
@@ -160,7 +171,7 @@ class GraphStack:
         return len(self.program.group_of)
 
     def layer(self, index: int, h: Tensor) -> Tensor:
-        return self.program.one_layer_functions[self.program.group_of[index]](h, *self.per_layer[index])
+        return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
         end = start + hs.shape[0]
@@ -172,14 +183,15 @@ class GraphStack:
             a, b = inside[0], inside[-1] + 1
             local = [members[i] - start for i in range(a, b)]
             xs = hs if local == list(range(hs.shape[0])) else hs[torch.tensor(local, device=hs.device)]
-            batched, function = self.program.batched[g], self.program.functions[g]
+            batched = self.program.batched[g]
             if b - a == 1:  # one layer: called as is (vmap could not write its unbatched in-place inputs)
                 args = [x[a] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-                parts.append((local, self.program.one_layer_functions[g](xs[0], *args).unsqueeze(0)))
+                parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
             dims = (0, *[0 if stacked else None for stacked in batched])
-            parts.append((local, torch.vmap(function, in_dims=dims, randomness="different")(xs, *args)))
+            vmapped = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")
+            parts.append((local, vmapped(xs, *args)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
@@ -202,14 +214,17 @@ class StackProgram(nn.Module):
     ):
         super().__init__()
         self.functions = nn.ModuleList(functions)  # called under vmap for several layers at once
-        # called for one layer at a time (sequential layers, one-layer blocks); the same modules unless
-        # one-layer calls take other kernels
-        self.one_layer_functions = self.functions if one_layer_functions is None else nn.ModuleList(one_layer_functions)
+        # for one layer at a time (sequential layers, one-layer blocks) where those take other kernels
+        self.one_layer_functions = None if one_layer_functions is None else nn.ModuleList(one_layer_functions)
         self.groups, self.batched, self.recipes, self.config = groups, batched, recipes, config
         self.group_of = [0] * sum(len(g) for g in groups)
         for g, members in enumerate(groups):
             for p in members:
                 self.group_of[p] = g
+
+    def one_layer_function(self, group: int) -> nn.Module:
+        """The layer function of `group` for a call on one layer (not under vmap)."""
+        return (self.one_layer_functions or self.functions)[group]
 
     def surrogate(self, per_group: tuple) -> Surrogate:
         """Per-layer J in stack order, evaluated once per call from the group inputs."""

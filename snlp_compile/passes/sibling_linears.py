@@ -5,14 +5,15 @@ reading the siblings' weights in one launch saves launches in every sequential l
 the stacked block). Invariants:
 
 - only `bias_free_linear` calls of a layer graph are fused, in groups of at most MAX_SIBLINGS that
-  read the same input node, whose weights are defined before the first of them, and whose output
-  has at most GEMV_MAX_TOKENS rows (decode shapes: longer inputs keep their own GEMMs, where a
-  concatenated output would only add a copy);
-- each fused linear's value is the same slice of the one call's output (`torch.narrow` on the
-  last dim), so every user sees the values it saw before.
+  read the same input node, whose weights are graph inputs (placeholders or attributes: defined
+  before any linear), and whose output has at most GEMV_MAX_TOKENS rows (decode shapes);
+- each fused linear's value is its own output of the one call (a new contiguous tensor, as
+  F.linear's), so every user sees what it saw before.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.fx import Graph, Node
@@ -32,28 +33,24 @@ def _decode_linear(node: Node) -> bool:
 
 def fuse_sibling_linears(graph: Graph) -> int:
     """Fuse the sibling linears of `graph` in place; returns the number of calls that replaced them."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
     siblings: dict[Node, list[Node]] = {}
     for node in graph.nodes:
         if _decode_linear(node) and isinstance(node.args[0], Node):
             siblings.setdefault(node.args[0], []).append(node)
     fused = 0
-    for x, nodes in siblings.items():
+    for nodes in siblings.values():
         for start in range(0, len(nodes), MAX_SIBLINGS):
             group = nodes[start : start + MAX_SIBLINGS]
-            first = group[0]
             weights = [n.args[1] for n in group]
-            if len(group) < 2 or any(isinstance(w, Node) and order[w] > order[first] for w in weights):
+            if len(group) < 2 or not all(isinstance(w, Node) and w.op in ("placeholder", "get_attr") for w in weights):
                 continue
-            with graph.inserting_before(first):
-                call = graph.call_function(torch.ops.snlp.linear.default, (x, weights))
-                offset = 0
-                for node in group:
-                    width = example_value(node).shape[-1]
-                    part = graph.call_function(torch.narrow, (call, -1, offset, width))
-                    part.meta = dict(node.meta)
-                    node.replace_all_uses_with(part)
-                    offset += width
+            with graph.inserting_before(group[0]):
+                # the input as it is now: an earlier fusion may have replaced it by one of its outputs
+                call = graph.call_function(torch.ops.snlp.linear.default, (group[0].args[0], weights))
+                for i, node in enumerate(group):
+                    out = graph.call_function(operator.getitem, (call, i))
+                    out.meta = dict(node.meta)
+                    node.replace_all_uses_with(out)
             for node in group:
                 graph.erase_node(node)
             fused += 1

@@ -214,3 +214,26 @@ def test_string_backend_in_a_fresh_process():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "options, device, training, warns",
+    [
+        (dict(gemv=True), "cuda", False, True),
+        (dict(gemv=True, cudagraphs=True), "cuda", False, False),
+        (dict(gemv=True, cudagraphs=True, inner="eager"), "cuda", False, True),  # no CUDA graphs in eager
+        (dict(gemv=True), "cuda", True, False),  # training: gemv is off
+        (dict(gemv=False), "cuda", False, False),
+        (dict(gemv=True), "cpu", False, False),
+    ],
+)
+def test_gemv_without_cuda_graphs_on_cuda_is_logged(caplog, options, device, training, warns):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from snlp_compile.backends.dynamo import warn_gemv_without_cudagraphs
+
+    with FakeTensorMode():  # a CUDA input without a GPU: nothing is allocated
+        inputs = [torch.empty(2, 3, device=device)]
+    with caplog.at_level(logging.WARNING, logger="snlp_compile"):
+        warn_gemv_without_cudagraphs(SNLPConfig(**options), inputs, training)
+    assert ("gemv=True without CUDA graphs" in caplog.text) == warns

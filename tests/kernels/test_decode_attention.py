@@ -92,3 +92,16 @@ def test_the_rewrite_routes_only_cuda_decode_attention_to_the_kernels():
     assert not _decode_attention(_sdpa_node(_fake_cuda(1, 2, 1, 8, dtype=torch.float32), float32, float32))
     cpu = torch.randn(1, 2, 40, 8, dtype=torch.bfloat16)
     assert not _decode_attention(_sdpa_node(torch.randn(1, 2, 1, 8, dtype=torch.bfloat16), cpu, cpu))
+
+
+def test_decode_attention_op_falls_back_to_sdpa_off_the_kernels():
+    from snlp_compile.kernels.attention import sdpa
+    from snlp_compile.kernels.decode_attention import decode_attention
+
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.tensor([[True, True, False, True, False]])
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, None), expected)
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=mask, decode=True), expected)
+    with pytest.raises(ValueError, match="no is_causal with decode"):
+        sdpa(q, k, v, is_causal=True, decode=True)

@@ -56,3 +56,37 @@ def test_prefill_shapes_keep_their_own_gemms():
     gm, _ = _graph([6, 3, 3], rows=17)  # more rows than the GEMV serves
     assert fuse_sibling_linears(gm.graph) == 0
     assert _count(gm, bias_free_linear) == 4
+
+
+def _linear(graph: Graph, x, w, rows: int, n: int):
+    out = graph.call_function(bias_free_linear, (x, w))
+    out.meta["example_value"] = torch.empty(rows, n)
+    return out
+
+
+def test_siblings_of_a_fused_output_are_fused_too():
+    """h and z read x; a and b read h: after the first fusion h is one output of the fused call, and
+    the second group must read that output (the graph stays valid, the values equal)."""
+    graph = Graph()
+    x = graph.placeholder("x")
+    w = [graph.placeholder(f"w{i}") for i in range(4)]
+    h, z = _linear(graph, x, w[0], 1, 8), _linear(graph, x, w[1], 1, 8)
+    a, b = _linear(graph, h, w[2], 1, 8), _linear(graph, h, w[3], 1, 8)
+    graph.output(graph.call_function(torch.cat, ([z, a, b], -1)))
+    gm = GraphModule(torch.nn.Module(), graph)
+    inputs = [torch.randn(1, 8), *[torch.randn(8, 8) for _ in range(4)]]
+    expected = gm(*inputs)
+    assert fuse_sibling_linears(gm.graph) == 2
+    gm.graph.lint()
+    gm.recompile()
+    assert _count(gm, torch.ops.snlp.linear.default) == 2 and _count(gm, bias_free_linear) == 0
+    torch.testing.assert_close(gm(*inputs), expected)
+
+
+def test_weights_computed_inside_the_graph_are_left_alone():
+    graph = Graph()
+    x, w0 = graph.placeholder("x"), graph.placeholder("w0")
+    w1 = graph.call_function(torch.neg, (w0,))
+    out = graph.call_function(torch.cat, ([_linear(graph, x, w0, 1, 8), _linear(graph, x, w1, 1, 8)], -1))
+    graph.output(out)
+    assert fuse_sibling_linears(graph) == 0
