@@ -4,6 +4,9 @@ expected rows, SNLP with iters >= layers matches the sequential model, and the p
 import argparse
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,26 @@ def test_profile_smoke(tmp_path, monkeypatch, question):
     assert profile.category("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "gemm"
     assert profile.category("triton_poi_fused_copy__permute_47") == "copy"
     assert profile.category("_stacked_gemv_kernel") == profile.category("triton_tem_fused_mm_0") == "gemm"
+
+
+def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu(monkeypatch):
+    """bench_gemv's shapes are each preset's decode linears (q, k and v as siblings of one launch, for
+    the stack and one layer, and the LM head); both kernel benchmarks refuse to run without CUDA."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    shapes = importlib.import_module("benchmarks.bench_gemv").shapes("paper-0.5b", 24)
+    assert [(r["linear"], r["layers"]) for r in shapes] == [
+        *[(name, layers) for layers in (24, 1) for name in ("q+k+v", "o", "mlp in", "mlp out")],
+        ("lm head", 1),
+    ]
+    assert shapes[0]["n"] == [640, 640, 640] and shapes[3]["k"] == 2560 and shapes[-1]["n"] == [65536]
+    if torch.cuda.is_available():
+        return
+    for script in ("bench_gemv.py", "bench_decode_attention.py"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert done.returncode == 2 and "needs a GPU" in done.stderr

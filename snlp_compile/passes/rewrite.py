@@ -10,7 +10,9 @@ Invariants of the rewritten graph:
   vmap cannot batch an attention call itself, it goes through `snlp::attention`, which vmap
   folds into one batched call, and `index_copy_` (KV-cache writes) becomes `index_put_`, which
   vmap batches into one write of the new positions (the built-in models' `snlp::cache_write_`
-  has a vmap rule of its own that does the same).
+  has a vmap rule of its own that does the same). With `gemv` (inference), each group also gets
+  a graph for calls on one layer at a time (sequential layers, one-layer blocks), whose decode
+  attention takes the split-KV kernels of `snlp::decode_attention`.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
