@@ -1,4 +1,4 @@
-"""Decode attention: the split-KV Triton kernels of `snlp::attention` against PyTorch's SDPA (cuDNN).
+"""Decode attention: the split-KV Triton kernels of `snlp::decode_attention` against PyTorch's SDPA (cuDNN).
 
     python3 benchmarks/bench_decode_attention.py --preset d20 paper-0.5b --context 512 --out OUT [--sweep]
 

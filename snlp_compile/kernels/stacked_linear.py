@@ -78,7 +78,8 @@ if triton is not None:
         """The value of the weight slot a program serves (in_i: it serves slot i or a later one)."""
         return tl.where(in3, a3, tl.where(in2, a2, tl.where(in1, a1, a0)))
 
-    @triton.jit
+    # the data offsets change with every allocation of the outputs: no recompiles on their alignment
+    @triton.jit(do_not_specialize=[f"d{t}{i}" for t in "wy" for i in range(4)])
     def _stacked_gemv_kernel(
         x_ptr, w_ptr, y_ptr, M, K, sxl, sxm, sxk,
         dw0, n0, s0l, s0n, s0k, dy0, t0l, t0m, dw1, n1, s1l, s1n, s1k, dy1, t1l, t1m,
@@ -161,13 +162,18 @@ def triton_stacked_linear(x: Tensor, weights: Sequence[Tensor], tiles: GemvTiles
     return outs
 
 
+def _in_layer_span(w: Tensor) -> int:
+    """The largest element offset the kernel computes inside one layer's [N, K] matrix."""
+    return (w.shape[-2] - 1) * abs(w.stride(-2)) + (w.shape[-1] - 1) * abs(w.stride(-1))
+
+
 def _runs_gemv(x: Tensor, weights: Sequence[Tensor], rows: int) -> bool:
     """The kernel serves this call: CUDA, 16-bit weights of x's dtype on x's device (float32 stays off
     it: tl.dot would round it to TF32), 1 <= rows <= GEMV_MAX_TOKENS per layer, at most MAX_SIBLINGS
-    weights, each layer's matrix under 2**31 elements (the kernel's in-layer offsets are int32)."""
+    weights, each layer's matrix spanning under 2**31 elements (the kernel's in-layer offsets are int32)."""
     half = x.dtype in (torch.float16, torch.bfloat16) and all(w.dtype == x.dtype for w in weights)
     fits = 1 <= rows <= GEMV_MAX_TOKENS and 1 <= len(weights) <= MAX_SIBLINGS
-    fits = fits and all(w.shape[-2] * w.shape[-1] < 2**31 and w.device == x.device for w in weights)
+    fits = fits and all(w.device == x.device and _in_layer_span(w) < 2**31 for w in weights)
     return x.is_cuda and triton is not None and half and fits
 
 

@@ -42,6 +42,11 @@ def test_triton_kernel_under_the_interpreter():
                 ys = triton_stacked_linear(x, ws[:count], GemvTiles(16, 32, 4, 2))
                 assert all(y.is_contiguous() for y in ys)
                 torch.testing.assert_close(ys, reference_stacked_linear(x, ws[:count]), atol=tol, rtol=tol)
+            # siblings that are slices of one buffer, the later one first (a negative offset), one strided
+            buffer = torch.randn(3, 40, 40, dtype=dtype)
+            views = [buffer[:, 24:40], buffer[:, 0:8], buffer[:, 8:20, :].transpose(1, 2).contiguous().transpose(1, 2)]
+            ys = triton_stacked_linear(x, views, GemvTiles(16, 32, 4, 2))
+            torch.testing.assert_close(ys, reference_stacked_linear(x, views), atol=tol, rtol=tol)
         bad_shapes = (
             (torch.randn(2, 17, 8), [torch.randn(2, 4, 8)]),
             (torch.randn(2, 1, 8), [torch.randn(3, 4, 8)]),

@@ -33,7 +33,8 @@ def test_index_copy_under_vmap_with_a_per_layer_index():
 
 
 @pytest.mark.parametrize(
-    "gemv, inner, n_seq", [(False, "eager", 0), (True, "eager", 0), (True, "inductor", 0), (True, "eager", 2)]
+    "gemv, inner, n_seq",
+    [(False, "eager", 0), (True, "eager", 0), (True, "inductor", 0), (True, "eager", 2), (True, "inductor", 2)],
 )
 def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkeypatch, gemv, inner, n_seq):
     """iters = n_layer: the cache and logits equal the eager step's, vmap never falls back to a
