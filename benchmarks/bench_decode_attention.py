@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    best_launch_config,
     environment,
     format_table,
     graph_time_us,
+    headline_n_par,
     l2_defeating_copies,
     setup_logging,
     write_json,
@@ -58,8 +60,7 @@ def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, A
     tiles = decode_tiles(rows, keys)
     out = dict(row, mbytes=nbytes / 1e6, sdpa_us=sdpa_us, triton_us=triton_time(tiles), tiles=list(tiles), rel_err=err)
     if sweep:
-        timed = [(triton_time(t), t) for t in _SWEEP]
-        out["best_us"], best = min(timed, key=lambda pair: pair[0])
+        out["best_us"], best = best_launch_config(triton_time, _SWEEP)
         out["best_tiles"] = list(best)
     return out
 
@@ -92,7 +93,7 @@ def main() -> None:
     doc["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in doc["settings"].items()}
     for preset in args.preset:
         config = GPTConfig.preset(preset)
-        n_par = {"d20": 20, "paper-0.5b": 24}.get(preset, config.n_layer)
+        n_par = headline_n_par(preset)
         for where, layers in (("one layer", 1), (f"{n_par} layers", n_par)):
             row = dict(preset=preset, where=where, heads=config.n_head, head_dim=config.head_dim)
             row.update(rows=layers * args.batch * config.n_head, keys=args.context + 45, context=args.context)

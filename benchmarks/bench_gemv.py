@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    best_launch_config,
     environment,
     format_table,
     graph_time_us,
+    headline_n_par,
     l2_defeating_copies,
     setup_logging,
     write_json,
@@ -83,13 +85,7 @@ def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, A
     out = dict(row, mbytes=nbytes / 1e6, cublas_us=cublas_us, triton_us=triton_us, tiles=list(tiles), rel_err=err)
     out["cublas_tbps"], out["triton_tbps"] = nbytes / cublas_us / 1e6, nbytes / triton_us / 1e6
     if sweep:
-        timed = []
-        for t in _SWEEP:
-            try:
-                timed.append((triton_time(t), t))
-            except Exception as error:  # noqa: BLE001  (a tile that needs more shared memory than the GPU has)
-                logger.info("gemv tiles %s skipped: %s", t, str(error).splitlines()[0])
-        out["best_us"], best = min(timed, key=lambda pair: pair[0])
+        out["best_us"], best = best_launch_config(triton_time, _SWEEP)
         out["best_tiles"] = list(best)
     return out
 
@@ -107,14 +103,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=["d20", "paper-0.5b"])
-    parser.add_argument("--n-par", nargs="+", type=int, default=None, help="stack size per preset (default: 20, 24)")
+    parser.add_argument(
+        "--n-par", nargs="+", type=int, default=None, help="stack size per preset (default: its headline n_par)"
+    )
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
     parser.add_argument("--out", type=Path, default=Path("out"))
     args = parser.parse_args()
     setup_logging()
     if not torch.cuda.is_available():
         parser.error("bench_gemv.py times CUDA kernels and needs a GPU")
-    n_par = args.n_par or [{"d20": 20, "paper-0.5b": 24}.get(p, GPTConfig.preset(p).n_layer) for p in args.preset]
+    n_par = args.n_par or [headline_n_par(p) for p in args.preset]
     if len(n_par) != len(args.preset):
         parser.error(f"--n-par needs one value per preset ({len(args.preset)}), got {len(n_par)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -311,6 +311,26 @@ def graph_time_us(fn: Callable[[int], Any], calls: int, reps: int = 20) -> float
     return sorted(times)[len(times) // 2]
 
 
+def headline_n_par(preset: str) -> int:
+    """Parallel layers of the preset's headline SNLP configuration (all layers for a preset without a grid)."""
+    grid = GRIDS.get(preset)
+    return grid["headline"][0]["n_par"] if grid else GPTConfig.preset(preset).n_layer
+
+
+def best_launch_config(time_us: Callable[[Any], float], configs: Sequence[Any]) -> tuple[float, Any]:
+    """(microseconds, config) of the fastest config that launches; a config the GPU cannot launch
+    (e.g. more shared memory than it has) is logged and skipped."""
+    timed = []
+    for config in configs:
+        try:
+            timed.append((time_us(config), config))
+        except Exception as error:  # noqa: BLE001  (Triton's OutOfResources and kin)
+            logger.info("launch config %s skipped: %s", config, str(error).splitlines()[0])
+    if not timed:
+        raise RuntimeError(f"none of the {len(configs)} launch configs ran")
+    return min(timed, key=lambda pair: pair[0])
+
+
 @torch.no_grad()
 def compare(out: Tensor, ref: Tensor) -> tuple[float, float]:
     """(relative L2 error of the logits, top-1 agreement) of out against ref, both [..., V]."""

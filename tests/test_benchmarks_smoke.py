@@ -163,3 +163,18 @@ def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu(monkeypatch):
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert done.returncode == 2 and "needs a GPU" in done.stderr
+
+
+def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_stack(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    common = importlib.import_module("benchmarks.common")
+
+    def time_us(config: int) -> float:
+        if config == 2:
+            raise RuntimeError("out of resource: shared memory")
+        return {1: 5.0, 3: 4.0}[config]
+
+    assert common.best_launch_config(time_us, [1, 2, 3]) == (4.0, 3)
+    with pytest.raises(RuntimeError, match="none of the 1 launch configs ran"):
+        common.best_launch_config(time_us, [2])
+    assert [common.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
