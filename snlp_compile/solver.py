@@ -192,31 +192,51 @@ def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+def _scan_last(whole: Surrogate, c: float, r: Tensor) -> Tensor:
+    """delta_C alone: a sum instead of a prefix sum in the identity case (the block output needs no
+    intermediate delta)."""
+    if whole.kind == "identity" and c == 1.0:
+        return r.sum(dim=0)
+    return _scan(whole, c, r)[-1]
+
+
+def _initial_inputs(stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig) -> Tensor:
+    """The super-layer inputs [C] of iteration 1: x for every group ("h0": an expand, so one tensor
+    shared by all), or the groups before the last evaluated once on x ("batch_fwd")."""
+    u = x.unsqueeze(0).expand(len(sizes), *x.shape)
+    if config.init == "batch_fwd" and len(sizes) > 1:
+        u = torch.cat([x.unsqueeze(0), _super_layers(stack, start, sizes[:-1], u[:-1])])
+    return u
+
+
+def _residual(stack: LayerStack, start: int, sizes: list[int], u: Tensor) -> Tensor:
+    """r_g = F_g(u_g) - u_{g+1} (0 for u_{C+1}): how far the inputs are from a trace."""
+    return _super_layers(stack, start, sizes, u) - torch.cat([u[1:], torch.zeros_like(u[:1])])
+
+
 def _block_iterates(
     stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Newton iterations over one block, without end: (block output, super-layer inputs [C]) after
     iteration 1, 2, ..."""
-    n_groups = len(sizes)
     whole = stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
-    u = x.unsqueeze(0).expand(n_groups, *x.shape)
-    if config.init == "batch_fwd" and n_groups > 1:
-        first = _super_layers(stack, start, sizes[:-1], u[:-1])
-        u = torch.cat([x.unsqueeze(0), first])
+    u = _initial_inputs(stack, start, sizes, x, config)
     c = 1.0 - config.damping
     while True:
-        outputs = _super_layers(stack, start, sizes, u)
-        r = outputs - torch.cat([u[1:], torch.zeros_like(u[:1])])
-        delta = _scan(whole, c, r)
+        delta = _scan(whole, c, _residual(stack, start, sizes, u))
         u = u + torch.cat([torch.zeros_like(delta[:1]), delta[:-1]])
         yield delta[-1], u
 
 
-def _solve_block(
-    stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int
-) -> tuple[Tensor, Tensor]:
-    """K >= 1 Newton iterations over one block. Returns (block output, final super-layer inputs [C])."""
-    return next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 1, None))
+def _solve_block(stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int) -> Tensor:
+    """K >= 1 Newton iterations over one block; returns the block output. The last iteration
+    computes only the output's correction (`_scan_last`), as nothing reads its inputs."""
+    if iters == 1:
+        u = _initial_inputs(stack, start, sizes, x, config)
+    else:
+        u = next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 2, None))[1]
+    whole = stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
+    return _scan_last(whole, 1.0 - config.damping, _residual(stack, start, sizes, u))
 
 
 def solve_traces(
@@ -268,7 +288,7 @@ def solve(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Tensor:
     for i in range(config.n_seq):
         h = stack.layer(i, h)
     for start, sizes in schedule(len(stack), config):
-        h = _solve_block(stack, start, sizes, h, config, config.iters)[0]
+        h = _solve_block(stack, start, sizes, h, config, config.iters)
     return h
 
 

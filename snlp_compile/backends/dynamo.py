@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 
 from ..config import SNLPConfig
 from ..passes.detect import LayerStackMatch, NotAStack, detect_layer_stack
+from ..passes.float32_logits import fuse_float32_logits
 from ..passes.rewrite import rewrite_stack
 from ..passes.surrogate import SurrogateRecipe, choose_recipe
 
@@ -93,6 +94,8 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
         match, recipes, config = analyse(gm, config)
         training = is_training(example_inputs)
         new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), training)
+        if not training and fuse_float32_logits(new_gm.graph):
+            new_gm.recompile()
     except NotAStack as why:
         if config.fallback == "error":
             raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None

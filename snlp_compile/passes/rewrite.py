@@ -105,7 +105,7 @@ _INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.
 _LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
 
 
-def _is_bias_free_linear(node: Node) -> bool:
+def is_bias_free_linear(node: Node) -> bool:
     """A linear with no bias and a 2-D weight (what snlp::linear computes)."""
     if node.op != "call_function" or node.target not in _LINEAR or len(node.args) < 2:
         return False
@@ -120,7 +120,7 @@ def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, obj
     linears through snlp::linear and, in a graph for one-layer calls, decode attention through
     snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU);
     otherwise the node's own."""
-    if gemv and _is_bias_free_linear(node):
+    if gemv and is_bias_free_linear(node):
         return "call_function", bias_free_linear, {}
     if gemv and one_layer and _decode_attention(node):
         return "call_function", sdpa, {"decode": True}
@@ -176,7 +176,11 @@ class GraphStack:
         return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
+        """Layers start.. on hs [n, ...]. States that are one tensor expanded (stride 0: the first
+        iteration from "h0") enter vmap unbatched, so what precedes the first per-layer weight (a
+        norm) runs once and the first linears see a shared input instead of n copies."""
         end = start + hs.shape[0]
+        shared = hs.shape[0] > 1 and hs.stride(0) == 0
         parts = []
         for g, members in enumerate(self.program.groups):
             inside = [i for i, p in enumerate(members) if start <= p < end]
@@ -191,9 +195,9 @@ class GraphStack:
                 parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-            dims = (0, *[0 if stacked else None for stacked in batched])
+            dims = (None if shared else 0, *[0 if stacked else None for stacked in batched])
             vmapped = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")
-            parts.append((local, vmapped(xs, *args)))
+            parts.append((local, vmapped(hs[0] if shared else xs, *args)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
@@ -381,7 +385,7 @@ def rewrite_stack(
             continue
         if node is not last:
             env[node] = graph.node_copy(node, env.__getitem__)
-            if gemv and _is_bias_free_linear(node):  # e.g. the LM head: one GEMV at decode
+            if gemv and is_bias_free_linear(node):  # e.g. the LM head: one GEMV at decode
                 env[node].target = bias_free_linear
             continue
         per_group = []
