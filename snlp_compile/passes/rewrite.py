@@ -176,11 +176,7 @@ class GraphStack:
         return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
-        """Layers start.. on hs [n, ...]. States that are one tensor expanded (stride 0: the first
-        iteration from "h0") enter vmap unbatched, so what precedes the first per-layer weight (a
-        norm) runs once and the first linears see a shared input instead of n copies."""
         end = start + hs.shape[0]
-        shared = hs.shape[0] > 1 and hs.stride(0) == 0
         parts = []
         for g, members in enumerate(self.program.groups):
             inside = [i for i, p in enumerate(members) if start <= p < end]
@@ -195,9 +191,9 @@ class GraphStack:
                 parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-            dims = (None if shared else 0, *[0 if stacked else None for stacked in batched])
+            dims = (0, *[0 if stacked else None for stacked in batched])
             vmapped = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")
-            parts.append((local, vmapped(hs[0] if shared else xs, *args)))
+            parts.append((local, vmapped(xs, *args)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
