@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .config import SNLPConfig
 
@@ -196,12 +197,12 @@ def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
 
 def _scan_last(whole: Surrogate, c: float, r: Tensor) -> Tensor:
     """delta_C alone (the block output needs no intermediate delta). In the identity case a sum over
-    the groups: while compiling an unrolled chain of adds, which inductor fuses into one coalesced
-    pointwise kernel (it compiles a sum over the leading dim as a slower outer reduction: H100, bf16
-    [24, 2048, 640], 103 us as sum, 70 us as a prefix sum, 72 us as adds; [20, 2048, 1280], 202 /
-    141 / 79 us); in eager one sum kernel."""
+    the groups: traced for a compiler (fake tensors), an unrolled chain of adds, which inductor fuses
+    into one coalesced pointwise kernel (it compiles a sum over the leading dim as a slower outer
+    reduction: H100, bf16 [24, 2048, 640], 103 us as a sum, 70 us as a prefix sum, 72 us as adds;
+    [20, 2048, 1280], 202 / 141 / 79 us); on real tensors (eager) one sum kernel."""
     if whole.kind == "identity" and c == 1.0:
-        return functools.reduce(operator.add, r.unbind(0)) if torch.compiler.is_compiling() else r.sum(dim=0)
+        return functools.reduce(operator.add, r.unbind(0)) if is_fake(r) else r.sum(dim=0)
     return _scan(whole, c, r)[-1]
 
 
