@@ -226,3 +226,20 @@ def test_solve_traces_share_the_iterations_of_a_block():
     assert calls[0] == 2 * 4  # two iterations of the 4 layers serve K = 1 and K = 2 (separately: 3)
     with pytest.raises(ValueError, match=">= 1"):
         solve_traces(stack, torch.randn(2, D), SNLPConfig(), [0, 1])
+
+
+def test_the_last_correction_is_an_add_chain_when_traced_and_one_sum_in_eager():
+    """Inductor fuses an add chain into one coalesced kernel but compiles a leading-dim sum as a slow
+    outer reduction; eager runs one sum kernel. Both equal the last prefix sum."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from snlp_compile.solver import IDENTITY, _scan_last
+
+    r = torch.randn(5, 3, 4)
+    torch.testing.assert_close(_scan_last(IDENTITY, 1.0, r), r.cumsum(0)[-1])
+    traced = make_fx(lambda r: _scan_last(IDENTITY, 1.0, r), tracing_mode="fake")(r)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.sum.dim_IntList not in targets
+    assert targets.count(torch.ops.aten.add.Tensor) == 4
+    eager = make_fx(lambda r: _scan_last(IDENTITY, 1.0, r))(r)  # real tensors: one sum
+    assert [n.target for n in eager.graph.nodes if n.op == "call_function"].count(torch.ops.aten.sum.dim_IntList) == 1

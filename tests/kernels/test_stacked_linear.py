@@ -73,6 +73,16 @@ def test_triton_kernel_under_the_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_every_kernel_argument_is_specialised():
+    """Triton's divisible-by-16 hint on the data offsets and strides is what lets the weight loads and the
+    output stores vectorise: with the offsets left unspecialised, an H100 decode step's GEMVs ran 3.5x slower."""
+    triton = pytest.importorskip("triton")
+    from snlp_compile.kernels.stacked_linear import _stacked_gemv_kernel
+
+    assert isinstance(_stacked_gemv_kernel, triton.runtime.jit.JITFunction)
+    assert not [p.name for p in _stacked_gemv_kernel.params if p.do_not_specialize]
+
+
 @pytest.mark.parametrize("layers, n, k", [(1, 640, 640), (24, 2560, 640), (20, 1280, 5120), (1, 65536, 1280)])
 def test_gemv_tiles_fill_the_gpu_and_fit_the_shape(layers, n, k):
     tiles = gemv_tiles(layers, n, k)
