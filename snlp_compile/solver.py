@@ -184,26 +184,37 @@ def _super_layers(stack: LayerStack, start: int, sizes: list[int], u: Tensor) ->
     return whole.apply(u).index_add(0, group_of, updates)
 
 
-def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
-    """delta_{g+1} = c A_g delta_g + r_g with delta_0 = 0; returns delta_1..delta_C."""
-    if whole.kind == "identity" and c == 1.0:
-        return torch.cumsum(r, dim=0)
-    out, d = [], torch.zeros_like(r[0])
+def _deltas(whole: Surrogate, c: float, r: Tensor) -> Iterator[Tensor]:
+    """delta_1..delta_C of delta_{g+1} = c A_g delta_g + r_g with delta_0 = 0, one at a time."""
+    d = torch.zeros_like(r[0])
     for g in range(r.shape[0]):
         d = c * whole[g : g + 1].apply(d.unsqueeze(0))[0] + r[g]
-        out.append(d)
-    return torch.stack(out)
+        yield d
+
+
+def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
+    """delta_1..delta_C stacked (a prefix sum in the identity case without damping)."""
+    if whole.kind == "identity" and c == 1.0:
+        return torch.cumsum(r, dim=0)
+    return torch.stack(list(_deltas(whole, c, r)))
 
 
 def _scan_last(whole: Surrogate, c: float, r: Tensor) -> Tensor:
-    """delta_C alone (the block output needs no intermediate delta). In the identity case a sum over
-    the groups: traced for a compiler (fake tensors), an unrolled chain of adds, which inductor fuses
-    into one coalesced pointwise kernel (it compiles a sum over the leading dim as a slower outer
-    reduction: H100, bf16 [24, 2048, 640], 103 us as a sum, 70 us as a prefix sum, 72 us as adds;
-    [20, 2048, 1280], 202 / 141 / 79 us); on real tensors (eager) one sum kernel."""
+    """delta_C alone: the block output needs no intermediate delta, so none is kept. In the identity
+    case without damping a sum over the groups: traced for a compiler (fake tensors), an unrolled
+    chain of adds, which inductor fuses into one coalesced pointwise kernel (it compiles a sum over
+    the leading dim as a slower outer reduction: H100, bf16 [24, 2048, 640], 103 us as a sum, 70 us
+    as a prefix sum, 72 us as adds; [20, 2048, 1280], 202 / 141 / 79 us); on real tensors (eager)
+    one sum kernel. The two add in different orders, so they differ by rounding."""
     if whole.kind == "identity" and c == 1.0:
         return functools.reduce(operator.add, r.unbind(0)) if is_fake(r) else r.sum(dim=0)
-    return _scan(whole, c, r)[-1]
+    *_, last = _deltas(whole, c, r)
+    return last
+
+
+def _block_surrogate(stack: LayerStack, start: int, sizes: list[int]) -> Surrogate:
+    """A_g, the surrogate of each super-layer of the block as a whole."""
+    return stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
 
 
 def _initial_inputs(stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig) -> Tensor:
@@ -225,7 +236,7 @@ def _block_iterates(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Newton iterations over one block, without end: (block output, super-layer inputs [C]) after
     iteration 1, 2, ..."""
-    whole = stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
+    whole = _block_surrogate(stack, start, sizes)
     u = _initial_inputs(stack, start, sizes, x, config)
     c = 1.0 - config.damping
     while True:
@@ -241,8 +252,7 @@ def _solve_block(stack: LayerStack, start: int, sizes: list[int], x: Tensor, con
         u = _initial_inputs(stack, start, sizes, x, config)
     else:
         u = next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 2, None))[1]
-    whole = stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
-    return _scan_last(whole, 1.0 - config.damping, _residual(stack, start, sizes, u))
+    return _scan_last(_block_surrogate(stack, start, sizes), 1.0 - config.damping, _residual(stack, start, sizes, u))
 
 
 def solve_traces(

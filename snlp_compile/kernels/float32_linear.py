@@ -9,11 +9,14 @@ Invariants:
   writes float32 (`torch.mm(..., out_dtype=torch.float32)`), so the logits are the float32 cast of
   the unrounded product (they differ from the 16-bit model's by its rounding, at most half a
   16-bit ulp);
-- anywhere else: exactly `F.linear(x, weight).float()`;
+- anywhere else (CPU, float32): exactly `F.linear(x, weight).float()`;
+- needs `torch.mm(..., out_dtype=)` on CUDA (torch >= 2.8; the package requires 2.9);
 - the output is a new contiguous tensor; no autograd formula (inference only).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +30,25 @@ def runs_float32_gemm(x: Tensor, weight: Tensor) -> bool:
     return x.is_cuda and x.dtype in HALF_DTYPES and weight.dtype == x.dtype and weight.device == x.device
 
 
-@torch.library.custom_op("snlp::float32_linear", mutates_args=())
-def float32_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., K] @ weight [N, K]^T as float32 [..., N] (see the module invariants)."""
+def _check_shapes(x: Tensor, weight: Tensor) -> None:
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             "float32_linear: x [..., K] and weight [N, K] must agree on K, "
             f"got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
+
+
+@torch.library.custom_op("snlp::float32_linear", mutates_args=())
+def float32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x [..., K] @ weight [N, K]^T as float32 [..., N] (see the module invariants)."""
+    _check_shapes(x, weight)
     if runs_float32_gemm(x, weight):
-        out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit sizes: K may be 0
+        return torch.mm(rows, weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight).float()
 
 
 @float32_linear.register_fake
 def _(x, weight):
+    _check_shapes(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)

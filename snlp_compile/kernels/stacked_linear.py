@@ -80,7 +80,8 @@ if triton is not None:
 
     # The data offsets (dw*, dy*) stay specialised: Triton's divisible-by-16 hint on them is what lets
     # the weight loads and output stores vectorise (unspecialised, the stacked GEMVs of an H100 decode
-    # step ran 3.5x slower). Allocations are 512-byte aligned, so in practice they never recompile.
+    # step ran 3.5x slower). Allocations are 512-byte aligned, so the hint holds; a new sign or int
+    # width of an offset (allocations moving) can still compile one more variant.
     @triton.jit
     def _stacked_gemv_kernel(
         x_ptr, w_ptr, y_ptr, M, K, sxl, sxm, sxk,

@@ -2,9 +2,11 @@
 `snlp::float32_linear` call (a GEMM that writes float32 on CUDA), so the 16-bit logits are never
 written and read back by a separate cast kernel.
 
-Invariants: only a `F.linear` with no bias, a 2-D weight and a 16-bit output, whose single user is
-`.float()` or `.to(torch.float32)`, is replaced; the cast's users then read the new call, whose
-meta is the cast's. Inference only (the op has no autograd formula).
+Invariants: only a `F.linear` with no bias, a 2-D weight and input, weight and output of one
+16-bit dtype, whose single user is `.float()` or `.to(torch.float32)`, is replaced; the cast's
+users then read the new call, whose meta is the cast's. Inference only (the op has no autograd
+formula). Off CUDA the op is the linear and the cast, so only the graph changes. With `gemv` the
+rewrite has already routed the LM head through `snlp::linear`, which this pass leaves alone.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ from .rewrite import is_bias_free_linear
 
 
 def _half_linear(node: Node) -> bool:
-    out = example_value(node)
-    return is_bias_free_linear(node) and isinstance(out, torch.Tensor) and out.dtype in HALF_DTYPES
+    """A bias-free linear whose input, weight and output are one 16-bit dtype (not, say, a float32
+    linear that autocast runs in bf16: the op would compute it in float32)."""
+    if not is_bias_free_linear(node):
+        return False
+    values = [example_value(n) if isinstance(n, Node) else None for n in (node, *node.args[:2])]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    dtypes = {v.dtype for v in values}
+    return len(dtypes) == 1 and dtypes <= set(HALF_DTYPES)
 
 
 def _float32_cast(node: Node) -> bool:

@@ -33,11 +33,27 @@ def test_mismatched_shapes_are_a_clear_error(shapes):
         float32_linear(torch.randn(x_shape), torch.randn(w_shape))
 
 
+def test_the_fake_kernel_checks_shapes_too():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="must agree on K"):
+        float32_linear(torch.empty(4, 8), torch.empty(6, 7))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the float32-output GEMM needs CUDA")
-def test_on_cuda_it_is_the_unrounded_product():
-    x = torch.randn(64, 128, dtype=torch.bfloat16, device="cuda")
-    w = torch.randn(256, 128, dtype=torch.bfloat16, device="cuda")
-    exact = x.double() @ w.double().t()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_shape", [(64, 128), (128,), (3, 40, 128), (0, 128)], ids=["2-D", "1-D", "3-D", "empty"])
+def test_on_cuda_it_is_the_float32_product(dtype, x_shape):
+    x = torch.randn(*x_shape, dtype=dtype, device="cuda")
+    if x.dim() == 3:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous
+    w = torch.randn(256, 128, dtype=dtype, device="cuda")
     out = float32_linear(x, w)
-    assert out.dtype == torch.float32
-    assert (out.double() - exact).abs().max() <= (F.linear(x, w).double() - exact).abs().max()
+    assert out.dtype == torch.float32 and out.shape == (*x_shape[:-1], 256)
+    torch.testing.assert_close(out, x.float() @ w.float().t(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the float32-output GEMM needs CUDA")
+def test_on_cuda_an_empty_inner_dim_gives_zeros():
+    x, w = (torch.empty(n, 0, dtype=torch.bfloat16, device="cuda") for n in (4, 6))
+    assert float32_linear(x, w).eq(0).all()

@@ -49,6 +49,13 @@ def _linear_with_other_uses(x, w):
     return y.float() + y.sum()
 
 
+def _autocast_linear(x, w):
+    """A float32 linear that autocast runs in bf16: the op would compute it from float32 inputs."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x.float(), w.float())
+    return y.float()
+
+
 @pytest.mark.parametrize(
     "fn",
     [
@@ -56,8 +63,11 @@ def _linear_with_other_uses(x, w):
         _linear_with_other_uses,  # the 16-bit output is read elsewhere too
         lambda x, w: F.linear(x.float(), w.float()).float(),  # float32 linear: nothing to save
         lambda x, w: F.linear(x, w).to(torch.float16),  # not a float32 cast
+        lambda x, w: F.linear(x, w).to(dtype=torch.float32, copy=True),  # a cast with more to it
+        lambda x, w: F.linear(x, w).to("cpu", torch.float32),
+        _autocast_linear,
     ],
-    ids=["bias", "other-uses", "float32", "float16-cast"],
+    ids=["bias", "other-uses", "float32", "float16-cast", "copy", "device", "autocast"],
 )
 def test_other_patterns_are_left_alone(fn):
     x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(16, 8, dtype=torch.bfloat16)
@@ -101,3 +111,4 @@ def test_training_graphs_keep_the_linear():
             torch.randint(0, 64, (1, 8))
         ).sum().backward()
     assert graphs and all(_count(gm) == 0 for gm in graphs)
+    assert all(hasattr(gm, "snlp_stack") for gm in graphs)  # rewritten, not a fallback
