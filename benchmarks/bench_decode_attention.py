@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    best_launch_config,
+    SWEEP_HEADERS,
     environment,
     format_table,
     graph_time_us,
     headline_n_par,
     l2_defeating_copies,
+    launch_sweep,
     setup_logging,
+    sweep_cells,
     write_json,
 )
 from benchmarks.plot import plot_paired_bars
@@ -60,8 +62,7 @@ def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, A
     tiles = decode_tiles(rows, keys)
     out = dict(row, mbytes=nbytes / 1e6, sdpa_us=sdpa_us, triton_us=triton_time(tiles), tiles=list(tiles), rel_err=err)
     if sweep:
-        out["best_us"], best = best_launch_config(triton_time, _SWEEP)
-        out["best_tiles"] = list(best)
+        out.update(launch_sweep(triton_time, _SWEEP))
     return out
 
 
@@ -103,13 +104,13 @@ def main() -> None:
             torch.cuda.empty_cache()
     headers = ["preset", "where", "rows", "keys", "MB", "SDPA us", "Triton us", "tiles", "rel err"]
     if args.sweep:
-        headers += ["best us", "best tiles"]
+        headers += SWEEP_HEADERS
     cells = []
     for r in doc["rows"]:
         cell = [r["preset"], r["where"], str(r["rows"]), str(r["keys"]), f"{r['mbytes']:.1f}"]
         cell += [f"{r['sdpa_us']:.2f}", f"{r['triton_us']:.2f}", str(tuple(r["tiles"])), f"{r['rel_err']:.1e}"]
         if args.sweep:
-            cell += [f"{r['best_us']:.2f}", str(tuple(r["best_tiles"]))]
+            cell += sweep_cells(r)
         cells.append(cell)
     print(format_table(headers, cells))
     plot(doc["rows"], args.out / "decode_attention.png")

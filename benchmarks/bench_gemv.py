@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    best_launch_config,
+    SWEEP_HEADERS,
     environment,
     format_table,
     graph_time_us,
     headline_n_par,
     l2_defeating_copies,
+    launch_sweep,
     setup_logging,
+    sweep_cells,
     write_json,
 )
 from benchmarks.plot import plot_paired_bars
@@ -85,8 +87,7 @@ def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, A
     out = dict(row, mbytes=nbytes / 1e6, cublas_us=cublas_us, triton_us=triton_us, tiles=list(tiles), rel_err=err)
     out["cublas_tbps"], out["triton_tbps"] = nbytes / cublas_us / 1e6, nbytes / triton_us / 1e6
     if sweep:
-        out["best_us"], best = best_launch_config(triton_time, _SWEEP)
-        out["best_tiles"] = list(best)
+        out.update(launch_sweep(triton_time, _SWEEP))
     return out
 
 
@@ -125,7 +126,7 @@ def main() -> None:
             write_json(args.out / "gemv.json", doc)
     headers = ["preset", "linear", "layers", "N x K", "MB", "cuBLAS us", "Triton us", "Triton TB/s", "tiles"]
     if args.sweep:
-        headers += ["best us", "best tiles"]
+        headers += SWEEP_HEADERS
     cells = []
     for r in doc["rows"]:
         cell = [
@@ -137,7 +138,7 @@ def main() -> None:
         ]
         cell += [f"{r['cublas_us']:.2f}", f"{r['triton_us']:.2f}", f"{r['triton_tbps']:.2f}", str(tuple(r["tiles"]))]
         if args.sweep:
-            cell += [f"{r['best_us']:.2f}", str(tuple(r["best_tiles"]))]
+            cell += sweep_cells(r)
         cells.append(cell)
     print(format_table(headers, cells))
     plot(doc["rows"], args.out / "gemv.png")

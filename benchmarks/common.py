@@ -331,6 +331,20 @@ def best_launch_config(time_us: Callable[[Any], float], configs: Sequence[Any]) 
     return min(timed, key=lambda pair: pair[0])
 
 
+SWEEP_HEADERS = ["best us", "best tiles"]
+
+
+def launch_sweep(time_us: Callable[[Any], float], configs: Sequence[Any]) -> dict[str, Any]:
+    """The row fields of a launch-config sweep: best_us and best_tiles (`best_launch_config`)."""
+    us, best = best_launch_config(time_us, configs)
+    return {"best_us": us, "best_tiles": list(best)}
+
+
+def sweep_cells(row: dict[str, Any]) -> list[str]:
+    """The table cells under SWEEP_HEADERS for a row with `launch_sweep`'s fields."""
+    return [f"{row['best_us']:.2f}", str(tuple(row["best_tiles"]))]
+
+
 @torch.no_grad()
 def compare(out: Tensor, ref: Tensor) -> tuple[float, float]:
     """(relative L2 error of the logits, top-1 agreement) of out against ref, both [..., V]."""

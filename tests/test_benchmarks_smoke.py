@@ -175,6 +175,9 @@ def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_sta
         return {1: 5.0, 3: 4.0}[config]
 
     assert common.best_launch_config(time_us, [1, 2, 3]) == (4.0, 3)
+    row = common.launch_sweep(lambda tiles: float(sum(tiles)), [(64, 4), (32, 2)])
+    assert row == {"best_us": 34.0, "best_tiles": [32, 2]}
+    assert common.sweep_cells(row) == ["34.00", "(32, 2)"] and len(common.SWEEP_HEADERS) == 2
     with pytest.raises(RuntimeError, match="none of the 1 launch configs ran"):
         common.best_launch_config(time_us, [2])
     assert [common.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
