@@ -178,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--baselines",
         nargs="*",
-        choices=("inductor+cg", "inductor", "dynamo-eager"),
+        choices=("eager", "inductor+cg", "inductor", "dynamo-eager"),
         default=None,
         help="sequential variants profiled first (default: inductor+cg, inductor; dynamo-eager on CPU; no value: none)",
     )

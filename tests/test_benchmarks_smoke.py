@@ -181,3 +181,28 @@ def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_sta
     with pytest.raises(RuntimeError, match="none of the 1 launch configs ran"):
         common.best_launch_config(time_us, [2])
     assert [common.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
+
+
+def test_eager_interleaved_smoke(tmp_path, monkeypatch):
+    """Alternating rounds (eager first in even rounds), one paired ratio per round, pooled and paired
+    summaries, the JSON and the plot; bad arguments are refused with the valid range."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = importlib.import_module("benchmarks.bench_eager_interleaved")
+    threads = torch.get_num_threads()
+    try:
+        doc = bench.main(["--smoke", "--rounds", "3", "--calls", "2", "--warmup", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rounds = doc["rounds"]
+    assert [r["first"] for r in rounds] == ["eager", "snlp", "eager"]
+    for r in rounds:
+        assert len(r["eager_times"]) == len(r["snlp_times"]) == 2
+        assert r["ratio"] == pytest.approx(r["eager_ms"] / r["snlp_ms"])
+    summary = doc["summary"]
+    assert summary["ratio_p10"] <= summary["ratio_median"] <= summary["ratio_p90"]
+    assert doc["settings"]["options"]["inner"] == "eager" and doc["settings"]["options"]["fallback"] == "error"
+    assert doc["quality"]["rel_err"] > 1e-3  # K 1 on the tiny preset: an approximation, recorded
+    assert json.loads((tmp_path / "eager_interleaved.json").read_text())["summary"] == summary
+    assert (tmp_path / "eager_interleaved.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--rounds", "0", "--out", str(tmp_path)])

@@ -163,7 +163,9 @@ def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer:
 
 
 class GraphStack:
-    """The solver's view (`solver.LayerStack`) of a rewritten stack for one call."""
+    """The solver's view (`solver.LayerStack`) of a rewritten stack for one call. `per_layer` holds
+    the inputs of the layers `solve` runs one at a time (the n_seq sequential ones), `per_group`
+    those of each fusion group (stacked where they differ between members)."""
 
     def __init__(self, program: StackProgram, per_layer: tuple, per_group: tuple):
         self.program, self.per_layer, self.per_group = program, per_layer, per_group
@@ -295,6 +297,20 @@ def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
     return picks[0][0], slice(idx[0], idx[-1] + 1, step)
 
 
+def _erase_unused(nodes: list[Node]) -> None:
+    """Erase the pure nodes among `nodes` that nothing reads, and then what only they read (the
+    parallel layers' own copies of inputs that per_group shares, e.g. each layer's rotary tables
+    cast to its dtype): an eager inner compiler would run them on every call."""
+    todo, erased = list(nodes), set()
+    while todo:
+        node = todo.pop()
+        pure = node.op in ("call_function", "call_method") and mutated_arg(node) is None and not node.is_impure()
+        if pure and not node.users and node not in erased:
+            todo.extend(node.all_input_nodes)
+            node.graph.erase_node(node)
+            erased.add(node)
+
+
 def _graph_module_with(root: GraphModule, graph: Graph, added: dict[str, Tensor | nn.Module]) -> GraphModule:
     """GraphModule(root, graph) for a graph that also reads `added` (new buffers and submodules). `root`
     is left as it was, so the backend can still compile the original graph when it falls back."""
@@ -397,10 +413,13 @@ def rewrite_stack(
                 else:
                     values.append(graph.call_function(torch.stack, ([env[n] for n in value],)))
             per_group.append(tuple(values))
-        per_layer = tuple(tuple(env[n] for n in layer.inputs) for layer in layers)
+        # `solve` calls layers one at a time only for the n_seq sequential ones; the parallel
+        # layers read their inputs through per_group.
+        per_layer = tuple(tuple(env[n] for n in layer.inputs) for layer in layers[: config.n_seq])
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, tuple(per_group)))
         out.meta = dict(last.meta)
         env[last] = out
+        _erase_unused([env[n] for layer in layers[config.n_seq :] for n in layer.inputs if n in env])
     new_gm = _graph_module_with(gm, graph, added)
     new_gm.graph.lint()
     # aot_autograd treats a graph as dynamo's (static parameters and marked inputs: CUDA graphs

@@ -90,3 +90,34 @@ def test_which_attention_calls_take_the_batched_op(device, dtype, batch, masked,
         q.meta["val"] = torch.empty(batch, 2, 3, 8, dtype=dtype, device=device)
     node = graph.call_function(F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask} if masked else {})
     assert _needs_batched_attention(node) is expected
+
+
+def test_only_the_sequential_layers_take_per_layer_inputs(monkeypatch):
+    """The stack program receives per-layer inputs for the n_seq sequential layers alone, and the
+    rewritten graph computes no parallel layer's own copy of an input its group shares (each
+    layer's rotary tables cast to its dtype): eagerly run, such copies cost host time per call."""
+    from snlp_compile.backends import dynamo
+
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(
+        dynamo, "inner_compile", lambda gm, inputs, config: graphs.append(gm) or real(gm, inputs, config)
+    )
+    originals = []
+    real_analyse = dynamo.analyse
+    monkeypatch.setattr(dynamo, "analyse", lambda gm, config: originals.append(gm) or real_analyse(gm, config))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    idx = torch.randint(0, 64, (2, 7))
+    compiled = torch.compile(model, backend="snlp", options=dict(n_seq=1, iters=3, inner="eager", fallback="error"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-4, atol=1e-4)
+    (gm,), (original,) = graphs, originals
+    stack = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "snlp_stack")
+    assert len(stack.args[1]) == 1  # per_layer: the one sequential layer
+    assert not [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and not n.users]
+
+    def casts(graph_module):
+        return len([n for n in graph_module.graph.nodes if n.op == "call_method" and n.target == "to"])
+
+    per_layer = casts(original) // model.config.n_layer
+    assert per_layer > 0 and casts(gm) == per_layer  # the group's shared copy, which layer 0 reads too
