@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the SNLP issue (decode and forward, d20 and paper-0.5b, bf16, batch 1) in
 # about 8 minutes on one H100/H200:   bash benchmarks/run_gpu.sh OUT_DIR
-# Writes OUT_DIR/{decode,forward}.{json,png}, speculative.json, frontier.png, results.md and log.txt. Each script
+# Writes OUT_DIR/{decode,forward,eager_interleaved}.{json,png}, speculative.json, frontier.png, results.md and log.txt. Each script
 # starts no new variant once its per-preset budget is spent and is killed at a hard limit that also
 # keeps the whole run within TOTAL seconds; the JSONs are rewritten after every row, so a cut run
 # keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
@@ -38,6 +38,7 @@ run() {  # run BUDGET SCRIPT ARGS...: killed after 2 presets x BUDGET + 120 s, o
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     run "$DECODE_BUDGET" benchmarks/bench_decode.py --preset d20 paper-0.5b --context 512
     run "$FORWARD_BUDGET" benchmarks/bench_forward.py --preset paper-0.5b d20 --seq-len 2048
+    timeout -k 10 90 "$PY" benchmarks/bench_eager_interleaved.py --preset paper-0.5b --out "$OUT"
     timeout -k 10 $((TOTAL - SECONDS > 30 ? TOTAL - SECONDS - 15 : 15)) "$PY" benchmarks/bench_speculative.py \
         --preset d20 --context 512 --new-tokens 64 --out "$OUT"
     "$PY" benchmarks/frontier.py --inputs "$OUT/forward.json" "$OUT/decode.json" --out "$OUT"

@@ -33,11 +33,13 @@ from torch._dynamo.source import LocalSource
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
+from ..kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_norm)
 from ..kernels.attention import sdpa
 from ..kernels.decode_attention import runs_decode_attention
 from ..kernels.stacked_linear import bias_free_linear
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
+from ..traced_vmap import TracedVmap
 from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
 from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
@@ -114,12 +116,18 @@ def is_bias_free_linear(node: Node) -> bool:
     return bias is None and isinstance(weight, Tensor) and weight.dim() == 2
 
 
-def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, object, dict[str, Any]]:
+_RMS_NORM = (torch.rms_norm, F.rms_norm)
+
+
+def _batchable_target(node: Node, gemv: bool, one_layer: bool, fused_norm: bool) -> tuple[str, object, dict[str, Any]]:
     """(op, target, extra kwargs) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
     where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
     linears through snlp::linear and, in a graph for one-layer calls, decode attention through
-    snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU);
-    otherwise the node's own."""
+    snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU), with
+    `fused_norm` RMS norms through snlp::rms_norm (one fused kernel under vmap, not its
+    decomposition); otherwise the node's own."""
+    if fused_norm and node.op == "call_function" and node.target in _RMS_NORM:
+        return "call_function", torch.ops.snlp.rms_norm.default, {}
     if gemv and is_bias_free_linear(node):
         return "call_function", bias_free_linear, {}
     if gemv and one_layer and _decode_attention(node):
@@ -133,11 +141,14 @@ def _batchable_target(node: Node, gemv: bool, one_layer: bool) -> tuple[str, obj
     return node.op, node.target, {}
 
 
-def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer: bool = False) -> GraphModule:
+def layer_module(
+    root: GraphModule, layer: Layer, gemv: bool = False, one_layer: bool = False, fused_norm: bool = False
+) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: decode kernels
     (inference only: they have no autograd formula): bias-free linears through snlp::linear,
     siblings of one input in one call, and with `one_layer` (a graph called for one layer at a
-    time, not under vmap) decode attention through the split-KV kernels."""
+    time, not under vmap) decode attention through the split-KV kernels; `fused_norm` (inference
+    under vmap, eager inner compiler): RMS norms through snlp::rms_norm."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
@@ -153,7 +164,7 @@ def layer_module(root: GraphModule, layer: Layer, gemv: bool = False, one_layer:
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        op, target, extra = _batchable_target(node, gemv, one_layer)
+        op, target, extra = _batchable_target(node, gemv, one_layer, fused_norm)
         env[node] = graph.create_node(op, target, args, {**kwargs, **extra}, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
@@ -193,9 +204,7 @@ class GraphStack:
                 parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-            dims = (0, *[0 if stacked else None for stacked in batched])
-            vmapped = torch.vmap(self.program.functions[g], in_dims=dims, randomness="different")
-            parts.append((local, vmapped(xs, *args)))
+            parts.append((local, self.program.vmapped[g](xs, *args)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
@@ -221,6 +230,10 @@ class StackProgram(nn.Module):
         # for one layer at a time (sequential layers, one-layer blocks) where those take other kernels
         self.one_layer_functions = None if one_layer_functions is None else nn.ModuleList(one_layer_functions)
         self.groups, self.batched, self.recipes, self.config = groups, batched, recipes, config
+        # all layers of a group at once; replayed from a trace when the graph runs eagerly
+        self.vmapped = [
+            TracedVmap(f, (0, *[0 if on else None for on in bs])) for f, bs in zip(functions, batched, strict=True)
+        ]
         self.group_of = [0] * sum(len(g) for g in groups)
         for g, members in enumerate(groups):
             for p in members:
@@ -382,9 +395,10 @@ def rewrite_stack(
                 added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
     gemv = config.gemv and not training
+    fused_norm = config.inner == "eager" and not training  # inductor fuses norms by itself
     program = StackProgram(
-        [layer_module(gm, layers[m[0]], gemv) for m in match.groups],
-        [layer_module(gm, layers[m[0]], gemv, one_layer=True) for m in match.groups] if gemv else None,
+        [layer_module(gm, layers[m[0]], gemv, fused_norm=fused_norm) for m in match.groups],
+        [layer_module(gm, layers[m[0]], gemv, one_layer=True) for m in match.groups] if gemv or fused_norm else None,
         match.groups,
         batched,
         recipes,

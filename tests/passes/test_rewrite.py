@@ -68,7 +68,7 @@ def test_decode_step_writes_the_cache_like_eager_without_a_per_layer_loop(monkey
     assert targets.count(bias_free_linear) == (3 if gemv else 0)  # attention out, MLP in and out
     assert targets.count(torch.ops.snlp.linear.default) == (1 if gemv else 0)  # q, k and v in one call
     program = graphs[0].snlp_stack
-    assert (program.one_layer_functions is not None) == gemv  # one-layer calls: their own graphs
+    assert (program.one_layer_functions is not None) == (gemv or inner == "eager")  # one-layer calls: own graphs
     outer = [n.target for n in graphs[0].graph.nodes]
     assert outer.count(bias_free_linear) == (1 if gemv else 0)  # the LM head
 
@@ -121,3 +121,28 @@ def test_only_the_sequential_layers_take_per_layer_inputs(monkeypatch):
 
     per_layer = casts(original) // model.config.n_layer
     assert per_layer > 0 and casts(gm) == per_layer  # the group's shared copy, which layer 0 reads too
+
+
+@pytest.mark.parametrize("inner, training", [("eager", False), ("eager", True), ("inductor", False)])
+def test_eager_inference_norms_take_the_fused_op_under_vmap(monkeypatch, inner, training):
+    """With the eager inner compiler at inference the vmapped layer graphs call snlp::rms_norm (vmap
+    would run torch.rms_norm's float32 decomposition) and the one-layer graphs keep torch.rms_norm;
+    for inductor and for training graphs nothing changes. Exact at iters = n_layer either way."""
+    from snlp_compile.backends import dynamo
+
+    rms_norm = torch.ops.snlp.rms_norm.default
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(dynamo, "inner_compile", lambda gm, inputs, cfg: graphs.append(gm) or real(gm, inputs, cfg))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny"))
+    idx = torch.randint(0, 64, (2, 7))
+    compiled = torch.compile(model, backend="snlp", options=dict(n_seq=1, iters=3, inner=inner, fallback="error"))
+    with torch.set_grad_enabled(training):
+        torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-4, atol=1e-4)
+    program = graphs[0].snlp_stack
+    fused = inner == "eager" and not training
+    norms = [n.target for n in program.functions[0].graph.nodes if n.target in (rms_norm, torch.rms_norm)]
+    assert norms and set(norms) == {rms_norm if fused else torch.rms_norm}
+    if fused:
+        one_layer = [n.target for n in program.one_layer_functions[0].graph.nodes]
+        assert rms_norm not in one_layer and torch.rms_norm in one_layer

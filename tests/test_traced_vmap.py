@@ -1,0 +1,67 @@
+"""TracedVmap: replays equal vmap bitwise, one trace per signature (bounded), in-place writes reach
+the real arguments, and vmap itself runs wherever a replay would be wrong (autograd, tracing)."""
+
+import pytest
+import torch
+
+from snlp_compile.traced_vmap import TracedVmap, runs_eagerly
+
+
+def layer(h, w, table, cache, index):
+    """Per layer: a linear, a shared table, a non-contiguous view, and an in-place cache write."""
+    y = torch.tanh(h @ w.t() + table)
+    cache.index_copy_(0, index, y[:1])
+    return y.t().reshape(-1)
+
+
+def arguments(n=3, t=4, d=5):
+    torch.manual_seed(0)
+    return torch.randn(n, t, d), torch.randn(n, d, d), torch.randn(t, d), torch.zeros(n, 6, d), torch.tensor([2])
+
+
+IN_DIMS = (0, 0, None, 0, None)
+
+
+def test_replay_equals_vmap_bitwise_and_writes_the_real_cache():
+    traced, vmapped = TracedVmap(layer, IN_DIMS), torch.vmap(layer, in_dims=IN_DIMS)
+    h, w, table, cache, index = arguments()
+    expected_cache = cache.clone()
+    expected = vmapped(h, w, table, expected_cache, index)
+    for _ in range(2):  # the first call records the trace, both replay it
+        cache.zero_()
+        out = traced(h, w, table, cache, index)
+        assert torch.equal(out, expected) and torch.equal(cache, expected_cache)
+    assert len(traces := traced.traces) == 1
+    assert next(iter(traces.values())).graph.find_nodes(op="call_function", target=torch.ops.aten.index_copy_.default)
+
+
+def test_one_trace_per_signature_and_at_most_max_traces():
+    traced = TracedVmap(layer, IN_DIMS, max_traces=2)
+    h, w, table, cache, index = arguments()
+    traced(h, w, table, cache, index)
+    traced(h, w, table, cache, index)
+    assert len(traced.traces) == 1
+    traced(h.transpose(-2, -1).contiguous().transpose(-2, -1), w, table, cache, index)  # other strides
+    h5, w5, table5, cache5, _ = arguments(t=5)
+    out = traced(h5, w5, table5, cache5, index)  # other shapes: a third trace, the oldest dropped
+    assert len(traced.traces) == 2 and out.shape == (3, 25)
+    with pytest.raises(ValueError, match="max_traces must be >= 1"):
+        TracedVmap(layer, IN_DIMS, max_traces=0)
+
+
+def test_vmap_itself_under_autograd_and_tracing():
+    traced = TracedVmap(layer, IN_DIMS)
+    h, w, table, cache, index = arguments()
+    w.requires_grad_(True)
+    assert not runs_eagerly([h, w]) and runs_eagerly([h, w.detach()])
+    traced(h, w, table, cache, index).sum().backward()
+    assert w.grad is not None and not traced.traces
+    with torch.no_grad():  # no gradient to record: replayed
+        traced(h, w, table, cache, index)
+    assert len(traced.traces) == 1
+    compiled = torch.compile(lambda *a: traced(*a), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(h, w, table, cache, index), traced(h, w, table, cache, index))
+    with torch._subclasses.FakeTensorMode():
+        assert not runs_eagerly([torch.empty(2)])
+    assert not torch.func.vmap(lambda x: torch.tensor(runs_eagerly([x])))(torch.ones(2)).any()
