@@ -4,12 +4,13 @@ Run eagerly, `torch.vmap(f)` sends every op of `f` through functorch's batching 
 call: host time that the eager inner compiler pays once per op and call. A `TracedVmap` run
 eagerly (plain tensors, no gradient to record, no tracing mode or functorch transform active)
 replays instead a `make_fx` trace of the vmapped function, recorded once per input signature
-(shapes, strides, dtypes, devices and the other arguments' values): the aten ops vmap's batching
-rules chose, without the per-op batching dispatch. Anywhere else (a compiler tracing the graph,
-an autograd tape, an enclosing transform) it calls vmap itself. H100, paper-0.5b, 2048-token
-forward, n_par 24, K 1, eager inner compiler: 5.75 ms per forward with replays, 6.61 ms without
-(interleaved in one process); replaying the sequential layers' own graphs instead of running them
-was slower (7.17 ms: their aten traces have more ops than the torch-level graphs).
+(shapes, strides, dtypes and devices): the aten ops vmap's batching rules chose, without the
+per-op batching dispatch. Anywhere else (a compiler tracing the graph, an autograd tape, an
+enclosing transform, an argument that is neither a tensor nor None, such as an int that changes
+every decode step) it calls vmap itself. H100, paper-0.5b, 2048-token forward, n_par 24, K 1,
+eager inner compiler: 5.75 ms per forward with replays, 6.61 ms without (interleaved in one
+process); replaying the sequential layers' own graphs as well was slower (7.17 ms: their aten
+traces have more ops than the torch-level graphs).
 
 Invariants: a replay runs the ops vmap runs, in the same order, so it computes what vmap
 computes; a signature the trace was not recorded for is never replayed; at most `max_traces`
@@ -33,10 +34,8 @@ logger = logging.getLogger("snlp_compile")
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def _signature(value: Any) -> Hashable:
-    if isinstance(value, Tensor):
-        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
-    return ("value", type(value), value)
+def _signature(value: Tensor | None) -> Hashable:
+    return None if value is None else (tuple(value.shape), value.stride(), value.dtype, value.device)
 
 
 def runs_eagerly(values: Sequence[Any]) -> bool:
@@ -63,13 +62,11 @@ class TracedVmap:
         self.traces: dict[Hashable, GraphModule] = {}
 
     def __call__(self, *args: Any) -> Any:
-        if not runs_eagerly(args):
+        # other arguments (an int that changes every decode step, say) would need a trace per value
+        if not all(a is None or isinstance(a, Tensor) for a in args) or not runs_eagerly(args):
             return self.vmapped(*args)
         key = tuple(_signature(a) for a in args)
-        try:
-            trace = self.traces.get(key)
-        except TypeError:  # an unhashable argument: no signature to key a trace by
-            return self.vmapped(*args)
+        trace = self.traces.get(key)
         if trace is None:
             if len(self.traces) >= self.max_traces:
                 self.traces.pop(next(iter(self.traces)))

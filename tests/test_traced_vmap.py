@@ -65,3 +65,12 @@ def test_vmap_itself_under_autograd_and_tracing():
     with torch._subclasses.FakeTensorMode():
         assert not runs_eagerly([torch.empty(2)])
     assert not torch.func.vmap(lambda x: torch.tensor(runs_eagerly([x])))(torch.ones(2)).any()
+
+
+def test_no_replay_with_a_non_tensor_argument():
+    """An int (say, a decode position) would need one trace per value: vmap runs instead."""
+    traced = TracedVmap(lambda h, scale: h * scale, (0, None))
+    h = torch.randn(3, 4)
+    for step in range(3):
+        assert torch.equal(traced(h, step), h * step)
+    assert not traced.traces
