@@ -5,7 +5,8 @@ Both sides are bound by Python dispatch on the host, so their times drift with t
 processes, CPU clocks). Timing them one after the other in alternating rounds of back-to-back calls
 exposes both to the same conditions: the ratio of each round's medians is a paired measurement, and
 the median over rounds is the figure to quote. Python's garbage collector is paused while timing
-(for both sides alike). Writes OUT/eager_interleaved.json and OUT/eager_interleaved.png.
+(for both sides alike). Writes OUT/eager_interleaved.json (rewritten after every round, so a run
+cut short keeps what it measured) and OUT/eager_interleaved.png.
 
     PYTHONPATH=. python3 benchmarks/bench_eager_interleaved.py --preset paper-0.5b --rounds 20 --out out
     PYTHONPATH=. python3 benchmarks/bench_eager_interleaved.py --smoke --out /tmp/smoke   # tiny, CPU
@@ -29,6 +30,7 @@ from benchmarks.common import (
     build_model,
     compare,
     compile_variant,
+    deciles,
     describe_env,
     environment,
     format_table,
@@ -63,27 +65,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def quantile(values: Sequence[float], q: int) -> float:
-    """The q-th decile (q in 1..9) of values; the value itself for a single one."""
-    return statistics.quantiles(values, n=10)[q - 1] if len(values) > 1 else values[0]
-
-
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, float]:
     """Paired figures (median and deciles of the round ratios) and pooled ones (all calls of a side)."""
-    ratios = [r["ratio"] for r in rounds]
-    eager = [t for r in rounds for t in r["eager_times"]]
-    snlp = [t for r in rounds for t in r["snlp_times"]]
-    return {
-        "ratio_median": statistics.median(ratios),
-        "ratio_p10": quantile(ratios, 1),
-        "ratio_p90": quantile(ratios, 9),
-        "eager_ms": statistics.median(eager),
-        "eager_ms_p10": quantile(eager, 1),
-        "eager_ms_p90": quantile(eager, 9),
-        "snlp_ms": statistics.median(snlp),
-        "snlp_ms_p10": quantile(snlp, 1),
-        "snlp_ms_p90": quantile(snlp, 9),
+    samples = {
+        "ratio": [r["ratio"] for r in rounds],
+        "eager_ms": [t for r in rounds for t in r["eager_times"]],
+        "snlp_ms": [t for r in rounds for t in r["snlp_times"]],
     }
+    summary = {}
+    for name, values in samples.items():
+        d = deciles(values)
+        median_key = "ratio_median" if name == "ratio" else name
+        summary.update({median_key: statistics.median(values), f"{name}_p10": d[0], f"{name}_p90": d[-1]})
+    return summary
 
 
 def plot(rounds: list[dict[str, Any]], summary: dict[str, float], path: Path, title: str) -> None:
@@ -135,6 +129,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         time_calls(fn, device, args.warmup, 1)
 
     rounds: list[dict[str, Any]] = []
+    doc = {
+        "question": QUESTION,
+        "env": env,
+        "settings": {
+            "preset": args.preset,
+            "seq_len": seq_len,
+            "batch": args.batch,
+            "dtype": str(dtype).removeprefix("torch."),
+            "rounds": n_rounds,
+            "calls": calls,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "variant": variant.name,
+            "options": variant.options,
+        },
+        "quality": {"rel_err": rel_err, "top1": top1},
+        "rounds": rounds,
+    }
+    path = args.out / f"{QUESTION}.json"
     gc.collect()
     gc.disable()
     try:
@@ -153,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "snlp_times": times["snlp"],
                 }
             )
+            doc.update(summary=summarise(rounds), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            write_json(path, doc)  # after every round: a run cut short keeps what it measured
             print(
                 f"round {i + 1}/{n_rounds}: eager {medians['eager']:.3f} ms, snlp {medians['snlp']:.3f} ms, "
                 f"{rounds[-1]['ratio']:.2f}x",
@@ -161,29 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         gc.enable()
 
-    summary = summarise(rounds)
-    doc = {
-        "question": QUESTION,
-        "env": env,
-        "settings": {
-            "preset": args.preset,
-            "seq_len": seq_len,
-            "batch": args.batch,
-            "dtype": str(dtype).removeprefix("torch."),
-            "rounds": n_rounds,
-            "calls": calls,
-            "warmup": args.warmup,
-            "seed": args.seed,
-            "variant": variant.name,
-            "options": variant.options,
-        },
-        "quality": {"rel_err": rel_err, "top1": top1},
-        "summary": summary,
-        "rounds": rounds,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    path = args.out / f"{QUESTION}.json"
-    write_json(path, doc)
+    summary = doc["summary"]
     plot(rounds, summary, path.with_suffix(".png"), f"{args.preset}, T={seq_len}: eager vs {variant.name}, interleaved")
     print(describe_env(doc))
     s = summary

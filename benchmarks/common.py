@@ -481,7 +481,7 @@ class Bench:
                 row["status"] = "check-failed"
             elif variant.timed:
                 times = time_calls(step(fn), self.device, warmup, reps)
-                q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+                q = deciles(times)
                 row.update(status="ok", ms=statistics.median(times), ms_p10=q[0], ms_p90=q[-1], reps=len(times))
             else:
                 row["status"] = "checked"
@@ -561,6 +561,11 @@ class Bench:
         """Print the environment line and the result table."""
         print(describe_env(self.doc()))
         print(format_table(*result_table(self.rows, extra)))
+
+
+def deciles(values: Sequence[float]) -> list[float]:
+    """The nine deciles of values (for a single value, that value nine times)."""
+    return statistics.quantiles(values, n=10) if len(values) > 1 else list(values) * 9
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

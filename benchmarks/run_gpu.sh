@@ -38,7 +38,7 @@ run() {  # run BUDGET SCRIPT ARGS...: killed after 2 presets x BUDGET + 120 s, o
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     run "$DECODE_BUDGET" benchmarks/bench_decode.py --preset d20 paper-0.5b --context 512
     run "$FORWARD_BUDGET" benchmarks/bench_forward.py --preset paper-0.5b d20 --seq-len 2048
-    timeout -k 10 90 "$PY" benchmarks/bench_eager_interleaved.py --preset paper-0.5b --out "$OUT"
+    timeout -k 10 $((TOTAL - SECONDS > 105 ? 90 : 15)) "$PY" benchmarks/bench_eager_interleaved.py --preset paper-0.5b --out "$OUT"
     timeout -k 10 $((TOTAL - SECONDS > 30 ? TOTAL - SECONDS - 15 : 15)) "$PY" benchmarks/bench_speculative.py \
         --preset d20 --context 512 --new-tokens 64 --out "$OUT"
     "$PY" benchmarks/frontier.py --inputs "$OUT/forward.json" "$OUT/decode.json" --out "$OUT"

@@ -2,19 +2,18 @@
 
 Run eagerly, `torch.vmap(f)` sends every op of `f` through functorch's batching layer on every
 call: host time that the eager inner compiler pays once per op and call. A `TracedVmap` run
-eagerly (plain tensors, no gradient to record, no tracing mode or functorch transform active)
-replays instead a `make_fx` trace of the vmapped function, recorded once per input signature
-(shapes, strides, dtypes and devices): the aten ops vmap's batching rules chose, without the
-per-op batching dispatch. Anywhere else (a compiler tracing the graph, an autograd tape, an
-enclosing transform, an argument that is neither a tensor nor None, such as an int that changes
-every decode step) it calls vmap itself. H100, paper-0.5b, 2048-token forward, n_par 24, K 1,
-eager inner compiler: 5.75 ms per forward with replays, 6.61 ms without (interleaved in one
-process); replaying the sequential layers' own graphs as well was slower (7.17 ms: their aten
-traces have more ops than the torch-level graphs).
+eagerly replays instead a `make_fx` trace of the vmapped function, recorded once per signature:
+the aten ops vmap's batching rules chose, without the per-op batching dispatch
+(benchmarks/RESULTS.md, "Eager against eager"). It calls vmap itself wherever a replay could
+differ: while anything traces, records gradients or transforms (compilers, autograd, an
+enclosing vmap, torch.jit tracing), under autocast, with an argument that is neither a tensor
+nor None (an int that changes every decode step would need a trace per value), and for a
+signature whose trace failed.
 
-Invariants: a replay runs the ops vmap runs, in the same order, so it computes what vmap
-computes; a signature the trace was not recorded for is never replayed; at most `max_traces`
-traces are kept (the oldest is dropped first).
+Invariants: a signature holds what a trace depends on (each argument's shape, strides, dtype
+and device, which arguments are the same tensor, and the enabled SDPA backends), and a trace is
+only replayed for its own signature, so a replay runs the ops vmap would run, in the same order;
+at most `max_traces` traces are kept (the least recently used is dropped first).
 """
 
 from __future__ import annotations
@@ -32,18 +31,32 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 logger = logging.getLogger("snlp_compile")
 
 _PLAIN = (Tensor, nn.Parameter)
+_FAILED = object()  # a signature make_fx could not trace: vmap runs it
 
 
-def _signature(value: Tensor | None) -> Hashable:
-    return None if value is None else (tuple(value.shape), value.stride(), value.dtype, value.device)
+def _signature(args: Sequence[Tensor | None]) -> Hashable:
+    first = {}
+    aliasing = tuple(first.setdefault(id(a), i) for i, a in enumerate(args))
+    tensors = tuple(None if a is None else (tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
+    sdpa = tuple(
+        f()
+        for f in (
+            torch.backends.cuda.flash_sdp_enabled,
+            torch.backends.cuda.mem_efficient_sdp_enabled,
+            torch.backends.cuda.math_sdp_enabled,
+            torch.backends.cuda.cudnn_sdp_enabled,
+        )
+    )
+    return tensors, aliasing, sdpa
 
 
 def runs_eagerly(values: Sequence[Any]) -> bool:
-    """The call executes now on plain tensors: nothing traces it, records it or transforms it."""
+    """The call executes now on plain tensors: nothing traces it, records it, transforms it or
+    autocasts it."""
     tensors = [v for v in values if isinstance(v, Tensor)]
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or any(map(torch.is_autocast_enabled, ("cpu", "cuda"))):
         return False
     if any(type(t) not in _PLAIN or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return False
@@ -59,17 +72,24 @@ class TracedVmap:
             raise ValueError(f"TracedVmap.max_traces must be >= 1, got {max_traces}")
         self.vmapped = torch.vmap(fn, in_dims=in_dims, randomness="different")
         self.max_traces = max_traces
-        self.traces: dict[Hashable, GraphModule] = {}
+        self.traces: dict[Hashable, GraphModule | object] = {}
 
     def __call__(self, *args: Any) -> Any:
-        # other arguments (an int that changes every decode step, say) would need a trace per value
         if not all(a is None or isinstance(a, Tensor) for a in args) or not runs_eagerly(args):
             return self.vmapped(*args)
-        key = tuple(_signature(a) for a in args)
-        trace = self.traces.get(key)
+        key = _signature(args)
+        trace = self.traces.pop(key, None)
         if trace is None:
             if len(self.traces) >= self.max_traces:
                 self.traces.pop(next(iter(self.traces)))
-            logger.debug("snlp: tracing a batched layer call for the eager inner compiler (%d kept)", len(self.traces))
-            trace = self.traces[key] = make_fx(self.vmapped, tracing_mode="fake")(*args)
-        return trace(*args)
+            trace = self._trace(args)
+        self.traces[key] = trace  # last: the most recently used
+        return self.vmapped(*args) if trace is _FAILED else trace(*args)
+
+    def _trace(self, args: tuple) -> GraphModule | object:
+        logger.debug("snlp: tracing a batched layer call for the eager inner compiler (%d kept)", len(self.traces))
+        try:
+            return make_fx(self.vmapped, tracing_mode="fake")(*args)
+        except Exception as error:  # noqa: BLE001  (whatever make_fx rejects, vmap still runs)
+            logger.info("snlp: batched layer calls of this signature run through vmap: make_fx failed (%s)", error)
+            return _FAILED

@@ -74,3 +74,30 @@ def test_no_replay_with_a_non_tensor_argument():
     for step in range(3):
         assert torch.equal(traced(h, step), h * step)
     assert not traced.traces
+
+
+def test_signature_covers_aliasing_and_global_state_and_failed_traces_fall_back(caplog):
+    """The same tensor passed twice is another signature than two tensors; autocast is never
+    replayed; a function make_fx cannot trace (a module holding real parameters) runs through vmap,
+    with one log line; a replayed signature becomes the most recently used."""
+    traced = TracedVmap(lambda a, b: a.add_(1) + b, (0, 0))
+    x = torch.zeros(3, 2)
+    expected = torch.vmap(lambda a, b: a.add_(1) + b)(x.clone(), x.clone())
+    torch.testing.assert_close(traced(x.clone(), x.clone()), expected)
+    same = torch.zeros(3, 2)
+    reference = same.clone()
+    assert torch.equal(traced(same, same), torch.vmap(lambda a, b: a.add_(1) + b)(reference, reference))
+    assert len(traced.traces) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traced(torch.zeros(3, 5), torch.zeros(3, 5))
+    assert len(traced.traces) == 2
+    first = next(iter(traced.traces))
+    traced(x.clone(), x.clone())  # the first signature again: now the most recently used
+    assert list(traced.traces)[-1] == first
+    linear = torch.nn.Linear(4, 4)
+    module = TracedVmap(lambda h: linear(h), (0,))
+    h = torch.randn(3, 2, 4)
+    with torch.no_grad(), caplog.at_level("INFO", logger="snlp_compile"):
+        for _ in range(2):
+            torch.testing.assert_close(module(h), torch.vmap(linear)(h))
+    assert len(module.traces) == 1 and sum("make_fx failed" in r.message for r in caplog.records) == 1

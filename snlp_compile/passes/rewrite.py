@@ -186,6 +186,8 @@ class GraphStack:
         return len(self.program.group_of)
 
     def layer(self, index: int, h: Tensor) -> Tensor:
+        if index >= len(self.per_layer):
+            raise IndexError(f"GraphStack.layer: only the {len(self.per_layer)} sequential layers run one at a time")
         return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
@@ -433,7 +435,8 @@ def rewrite_stack(
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, tuple(per_group)))
         out.meta = dict(last.meta)
         env[last] = out
-        _erase_unused([env[n] for layer in layers[config.n_seq :] for n in layer.inputs if n in env])
+    # after the whole graph is copied: what follows the stack may read a parallel layer's input too
+    _erase_unused([env[n] for layer in layers[config.n_seq :] for n in layer.inputs if n in env])
     new_gm = _graph_module_with(gm, graph, added)
     new_gm.graph.lint()
     # aot_autograd treats a graph as dynamo's (static parameters and marked inputs: CUDA graphs

@@ -36,3 +36,15 @@ def test_vmap_is_one_call_that_equals_a_loop(monkeypatch):
         out = torch.vmap(lambda a, b: rms_norm(a, [8], b), in_dims=in_dims)(*args)
         expected = torch.stack([real(*sample(i)[:1], [8], sample(i)[1]) for i in range(3)])
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_vmap_with_per_layer_weights_keeps_the_input_dtype(dtype, weight_dtype):
+    """A per-layer weight scales the normalised tensor: the input's dtype, like torch.rms_norm, and
+    within one more rounding of it in 16 bits."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 4, 8, dtype=dtype), torch.randn(3, 8, dtype=weight_dtype)
+    out = torch.vmap(lambda a, b: rms_norm(a, [8], b))(x, w)
+    expected = torch.stack([torch.rms_norm(x[i], [8], w[i]) for i in range(3)])
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -146,3 +146,57 @@ def test_eager_inference_norms_take_the_fused_op_under_vmap(monkeypatch, inner, 
     if fused:
         one_layer = [n.target for n in program.one_layer_functions[0].graph.nodes]
         assert rms_norm not in one_layer and torch.rms_norm in one_layer
+
+
+class _ScaledBlock(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x, scale):
+        return x + torch.tanh(self.fc(x)) * scale
+
+
+class _ReadsALayerInputAfterTheStack(torch.nn.Module):
+    """Each layer gets its own cast of one parameter, and the code after the loop reads the last one."""
+
+    def __init__(self, d: int = 8, n: int = 4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ScaledBlock(d) for _ in range(n))
+        self.scale = torch.nn.Parameter(torch.rand(d))
+
+    def forward(self, x):
+        for block in self.blocks:
+            scale = self.scale.to(x.dtype)
+            x = block(x, scale)
+        return x * scale
+
+
+@pytest.mark.parametrize("n_seq", [0, 1])
+def test_a_parallel_layers_input_read_after_the_stack_is_kept(n_seq):
+    torch.manual_seed(0)
+    model = _ReadsALayerInputAfterTheStack().eval()
+    x = torch.randn(2, 3, 8)
+    compiled = torch.compile(model, backend="snlp", options=dict(n_seq=n_seq, iters=4, inner="eager", fallback="error"))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_inner_replays_traces_that_equal_vmap_with_two_blocks(monkeypatch):
+    """blocks 2: the two blocks' stacked weights are slices at other offsets with one signature;
+    the replayed traces give the vmap path's output bitwise."""
+    from snlp_compile import traced_vmap
+    from snlp_compile.backends import dynamo
+
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(dynamo, "inner_compile", lambda gm, inputs, cfg: graphs.append(gm) or real(gm, inputs, cfg))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny")).eval()
+    idx = torch.randint(0, 64, (2, 9))
+    options = dict(blocks=2, iters=1, inner="eager", fallback="error")
+    compiled = torch.compile(model, backend="snlp", options=options)
+    with torch.no_grad():
+        replayed = compiled(idx)
+        assert graphs[0].snlp_stack.vmapped[0].traces
+        monkeypatch.setattr(traced_vmap, "runs_eagerly", lambda values: False)
+        assert torch.equal(compiled(idx), replayed)
