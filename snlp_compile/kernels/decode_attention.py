@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import HALF_DTYPES
+
 try:
     import triton
     import triton.language as tl
@@ -65,7 +67,7 @@ def runs_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     mask or none, not is_causal, equal batch shapes and head dims (no broadcasting of k, v), and at
     most SPLIT_KV_MAX_ROWS batch x heads rows: with more (e.g. a whole stack of layers), SDPA's one
     program per row already fills the GPU and streams the cache faster."""
-    half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+    half = q.dtype in HALF_DTYPES and k.dtype == v.dtype == q.dtype
     shapes = q.dim() >= 2 and k.shape == v.shape and k.shape[:-2] == q.shape[:-2] and k.shape[-1] == q.shape[-1]
     shapes = shapes and math.prod(q.shape[:-2]) <= SPLIT_KV_MAX_ROWS and k.device == v.device == q.device
     masked = mask is None or (mask.dtype == torch.bool and mask.device == q.device and _broadcasts(mask, q, k))

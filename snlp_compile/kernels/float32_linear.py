@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from . import HALF_DTYPES
 
 
 def runs_float32_gemm(x: Tensor, weight: Tensor) -> bool:

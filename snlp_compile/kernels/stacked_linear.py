@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import HALF_DTYPES
+
 try:
     import triton
     import triton.language as tl
@@ -174,7 +176,7 @@ def _runs_gemv(x: Tensor, weights: Sequence[Tensor], rows: int) -> bool:
     """The kernel serves this call: CUDA, 16-bit weights of x's dtype on x's device (float32 stays off
     it: tl.dot would round it to TF32), 1 <= rows <= GEMV_MAX_TOKENS per layer, at most MAX_SIBLINGS
     weights, each layer's matrix spanning under 2**31 elements (the kernel's in-layer offsets are int32)."""
-    half = x.dtype in (torch.float16, torch.bfloat16) and all(w.dtype == x.dtype for w in weights)
+    half = x.dtype in HALF_DTYPES and all(w.dtype == x.dtype for w in weights)
     fits = 1 <= rows <= GEMV_MAX_TOKENS and 1 <= len(weights) <= MAX_SIBLINGS
     fits = fits and all(w.device == x.device and _in_layer_span(w) < 2**31 for w in weights)
     return x.is_cuda and triton is not None and half and fits

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from ..kernels.float32_linear import HALF_DTYPES
+from ..kernels import HALF_DTYPES
 from .detect import example_value
 from .rewrite import is_bias_free_linear
 

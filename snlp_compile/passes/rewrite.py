@@ -33,6 +33,7 @@ from torch._dynamo.source import LocalSource
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import SNLPConfig
+from ..kernels import HALF_DTYPES
 from ..kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_norm)
 from ..kernels.attention import sdpa
 from ..kernels.decode_attention import runs_decode_attention
@@ -71,7 +72,7 @@ def _needs_batched_attention(node: Node) -> bool:
     query = _traced(args.get("query"))
     if not isinstance(query, Tensor) or query.device.type != "cuda":
         return True
-    half = query.dtype in (torch.float16, torch.bfloat16)
+    half = query.dtype in HALF_DTYPES
     return args.get("attn_mask") is not None and query.dim() > 3 and (query.shape[0] != 1 or not half)
 
 
