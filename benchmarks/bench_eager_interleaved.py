@@ -39,6 +39,7 @@ from benchmarks.common import (
     time_calls,
     write_json,
 )
+from benchmarks.plot import plot_interleaved
 
 QUESTION = "eager_interleaved"
 
@@ -78,32 +79,6 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, float]:
         median_key = "ratio_median" if name == "ratio" else name
         summary.update({median_key: statistics.median(values), f"{name}_p10": d[0], f"{name}_p90": d[-1]})
     return summary
-
-
-def plot(rounds: list[dict[str, Any]], summary: dict[str, float], path: Path, title: str) -> None:
-    """Per round: both sides' median times (top) and their ratio (bottom, with the median ratio)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [r["round"] for r in rounds]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    top.plot(x, [r["eager_ms"] for r in rounds], "o-", color="tab:gray", label="eager model")
-    top.plot(x, [r["snlp_ms"] for r in rounds], "o-", color="tab:blue", label="SNLP, eager inner")
-    top.set_ylabel("ms per forward (round median)")
-    top.set_ylim(bottom=0)
-    top.legend()
-    top.set_title(title)
-    bottom.plot(x, [r["ratio"] for r in rounds], "o-", color="tab:green")
-    bottom.axhline(summary["ratio_median"], ls="--", color="tab:green", label=f"median {summary['ratio_median']:.2f}x")
-    bottom.set_ylabel("eager / SNLP")
-    bottom.set_xlabel("round")
-    bottom.set_ylim(bottom=0)
-    bottom.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -177,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gc.enable()
 
     summary = doc["summary"]
-    plot(rounds, summary, path.with_suffix(".png"), f"{args.preset}, T={seq_len}: eager vs {variant.name}, interleaved")
+    plot_interleaved(
+        rounds, summary, path.with_suffix(".png"), f"{args.preset}, T={seq_len}: eager vs {variant.name}, interleaved"
+    )
     print(describe_env(doc))
     s = summary
     cells = [

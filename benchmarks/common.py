@@ -278,6 +278,11 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, reps: i
     return [start.elapsed_time(end) for start, end in events]
 
 
+def deciles(values: Sequence[float]) -> list[float]:
+    """The nine deciles of values (for a single value, that value nine times)."""
+    return statistics.quantiles(values, n=10) if len(values) > 1 else list(values) * 9
+
+
 L2_DEFEAT_BYTES = 256 << 20  # bytes of operand copies per graph: several times the largest L2 (H100: 50 MB)
 
 
@@ -561,11 +566,6 @@ class Bench:
         """Print the environment line and the result table."""
         print(describe_env(self.doc()))
         print(format_table(*result_table(self.rows, extra)))
-
-
-def deciles(values: Sequence[float]) -> list[float]:
-    """The nine deciles of values (for a single value, that value nine times)."""
-    return statistics.quantiles(values, n=10) if len(values) > 1 else list(values) * 9
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""PNG plots of benchmark rows (matplotlib, Agg backend): latency bars and the speed-quality frontier.
+"""PNG plots of benchmark rows (matplotlib, Agg backend): latency bars, the speed-quality frontier,
+paired bars of kernel benchmarks and the rounds of the interleaved eager benchmark.
 
 Rows are the dicts of benchmarks/common.py; only rows with a measured time ("ms") are drawn.
 """
@@ -110,6 +111,27 @@ def plot_paired_bars(
     ax.set_xlabel(xlabel)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_interleaved(rounds: list[dict[str, Any]], summary: dict[str, float], path: Path, title: str) -> None:
+    """Per round: both sides' median times (top) and their ratio (bottom, with the median ratio)."""
+    x = [r["round"] for r in rounds]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    top.plot(x, [r["eager_ms"] for r in rounds], "o-", color="tab:gray", label="eager model")
+    top.plot(x, [r["snlp_ms"] for r in rounds], "o-", color="tab:blue", label="SNLP, eager inner")
+    top.set_ylabel("ms per forward (round median)")
+    top.set_ylim(bottom=0)
+    top.legend()
+    top.set_title(title)
+    bottom.plot(x, [r["ratio"] for r in rounds], "o-", color="tab:green")
+    bottom.axhline(summary["ratio_median"], ls="--", color="tab:green", label=f"median {summary['ratio_median']:.2f}x")
+    bottom.set_ylabel("eager / SNLP")
+    bottom.set_xlabel("round")
+    bottom.set_ylim(bottom=0)
+    bottom.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

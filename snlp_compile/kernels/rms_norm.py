@@ -34,9 +34,8 @@ def _(input, normalized_shape, weight=None, eps=None):
 def _vmap(info, in_dims, input, normalized_shape, weight=None, eps=None):
     x_dim, w_dim = in_dims[0], in_dims[2] if len(in_dims) > 2 else None  # one entry per argument passed
     x = input if x_dim is None else input.movedim(x_dim, 0)
-    if w_dim is None:
-        out = rms_norm(x, normalized_shape, weight, eps)
-        return out, None if x_dim is None else 0
+    if w_dim is None:  # then the input is batched (vmap calls this rule only when something is)
+        return rms_norm(x, normalized_shape, weight, eps), 0
     w = weight.movedim(w_dim, 0)
     scale = w.reshape(w.shape[0], *[1] * (x.dim() - (x_dim is not None) - (w.dim() - 1)), *w.shape[1:])
     return (rms_norm(x, normalized_shape, None, eps) * scale).to(input.dtype), 0
