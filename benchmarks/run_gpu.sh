@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of the SNLP issue (decode and forward, d20 and paper-0.5b, bf16, batch 1) in
 # about 8 minutes on one H100/H200:   bash benchmarks/run_gpu.sh OUT_DIR
-# Writes OUT_DIR/{decode,forward,eager_interleaved}.{json,png}, speculative.json, frontier.png, results.md
-# and log.txt. Each script starts no new variant once its per-preset budget is spent and is killed at a hard limit that also
-# keeps the whole run within TOTAL seconds; the JSONs are rewritten after every row, so a cut run
-# keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
+# Writes OUT_DIR/{decode,forward,eager_interleaved}.{json,png}, speculative.json, frontier.png,
+# results.md and log.txt. Each script starts no new variant once its per-preset budget is spent and
+# is killed at a hard limit that also keeps the whole run within TOTAL seconds; the JSONs are
+# rewritten after every row, so a cut run keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
 # e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET (seconds per preset), TOTAL (seconds), EXTRA (more
 # flags for the decode and forward scripts, e.g. "--max-autotune"), PYTHON.
 set -uo pipefail
