@@ -15,6 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..kernels import HALF_DTYPES
+from ..kernels import float32_linear as _float32_linear  # noqa: F401  (registers snlp::float32_linear)
 from .detect import example_value
 from .rewrite import is_bias_free_linear
 
