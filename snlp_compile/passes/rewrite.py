@@ -2,7 +2,8 @@
 
 Invariants of the rewritten graph:
 
-- Every node outside the stack is kept, in its original order; the stack's state-dependent
+- Every node outside the stack is kept, in its original order, except layer inputs that
+  repeat an earlier one's value (each such value is computed once); the stack's state-dependent
   nodes are replaced by one `call_module` to a `StackProgram`, placed where the last layer's
   output was, whose value has the same meta as that output.
 - Each fusion group becomes one layer GraphModule `(state, *inputs) -> state`, evaluated for all
@@ -295,6 +296,47 @@ def same_value(a: object, b: object) -> bool:
     return all(same_value(x, y) for x, y in pairs)
 
 
+def _roots(node: Node) -> set[Node]:
+    """The graph inputs (placeholders, get_attrs) whose values `node` is computed from."""
+    seen, todo, roots = {node}, [node], set()
+    while todo:
+        current = todo.pop()
+        if current.op in ("placeholder", "get_attr"):
+            roots.add(current)
+        for arg in current.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                todo.append(arg)
+    return roots
+
+
+def _canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
+    """Each layer input -> the first layer input that computes the same value (`same_value`) with no
+    in-place write to what it is computed from in between (e.g. every layer's rotary tables cast to
+    its dtype -> layer 0's): the rewritten graph computes each such value once, where an eager inner
+    compiler would run every copy on every call."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    writes = [(order[n], _roots(n)) for n in graph.nodes if mutated_arg(n) is not None]
+    canonical: dict[Node, Node] = {}
+    representatives: list[Node] = []
+    for node in (n for layer in layers for n in layer.inputs):
+        if node in canonical:
+            continue
+        roots = _roots(node)
+        canonical[node] = next(
+            (
+                r
+                for r in representatives
+                if same_value(r, node)
+                and not any(order[r] < at < order[node] and written & roots for at, written in writes)
+            ),
+            node,
+        )
+        if canonical[node] is node:
+            representatives.append(node)
+    return canonical
+
+
 def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
     """(base, slice) when nodes are base[i0], base[i0 + d], ... (d >= 1), else None."""
     picks = []
@@ -314,9 +356,9 @@ def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
 
 
 def _erase_unused(nodes: list[Node]) -> None:
-    """Erase the pure nodes among `nodes` that nothing reads, and then what only they read (the
-    parallel layers' own copies of inputs that per_group shares, e.g. each layer's rotary tables
-    cast to its dtype): an eager inner compiler would run them on every call."""
+    """Erase the pure nodes among `nodes` that nothing reads, and then what only they read (layer
+    inputs replaced by their canonical copy, the parallel layers' own copies of inputs that
+    per_group shares): an eager inner compiler would run them on every call."""
     todo, erased = list(nodes), set()
     while todo:
         node = todo.pop()
@@ -355,6 +397,7 @@ def rewrite_stack(
     """The rewritten GraphModule and the stacked weight buffers it reads."""
     layers = match.layers
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    canonical = _canonical_inputs(gm.graph, layers)
     stack_nodes = {n for layer in layers for n in layer.nodes}
     plans, batched = [], []
     for members in match.groups:
@@ -422,7 +465,7 @@ def rewrite_stack(
             values = []
             for k, (kind, value) in enumerate(slots):
                 if kind == "shared":
-                    values.append(env[value])
+                    values.append(env[canonical[value]])
                 elif kind == "slice":
                     values.append(graph.call_function(operator.getitem, (env[value[0]], value[1])))
                 elif kind == "placeholder":
@@ -432,12 +475,12 @@ def rewrite_stack(
             per_group.append(tuple(values))
         # `solve` calls layers one at a time only for the n_seq sequential ones; the parallel
         # layers read their inputs through per_group.
-        per_layer = tuple(tuple(env[n] for n in layer.inputs) for layer in layers[: config.n_seq])
+        per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: config.n_seq])
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, tuple(per_group)))
         out.meta = dict(last.meta)
         env[last] = out
-    # after the whole graph is copied: what follows the stack may read a parallel layer's input too
-    _erase_unused([env[n] for layer in layers[config.n_seq :] for n in layer.inputs if n in env])
+    # after the whole graph is copied: what follows the stack may read a layer's input too
+    _erase_unused([env[n] for layer in layers for n in layer.inputs if n in env])
     new_gm = _graph_module_with(gm, graph, added)
     new_gm.graph.lint()
     # aot_autograd treats a graph as dynamo's (static parameters and marked inputs: CUDA graphs
