@@ -70,9 +70,14 @@ class TracedVmap:
     def __init__(self, fn: Callable, in_dims: tuple, max_traces: int = 16):
         if max_traces < 1:
             raise ValueError(f"TracedVmap.max_traces must be >= 1, got {max_traces}")
+        self.fn, self.in_dims, self.max_traces = fn, in_dims, max_traces
         self.vmapped = torch.vmap(fn, in_dims=in_dims, randomness="different")
-        self.max_traces = max_traces
         self.traces: dict[Hashable, GraphModule | object] = {}
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its arguments (inductor pickles the graph that holds it for its cache key; the
+        vmap closure and the traces cannot be pickled and are rebuilt)."""
+        return TracedVmap, (self.fn, self.in_dims, self.max_traces)
 
     def __call__(self, *args: Any) -> Any:
         if not all(a is None or isinstance(a, Tensor) for a in args) or not runs_eagerly(args):

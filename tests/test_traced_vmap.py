@@ -1,6 +1,8 @@
 """TracedVmap: replays equal vmap bitwise, one trace per signature (bounded), in-place writes reach
 the real arguments, and vmap itself runs wherever a replay would be wrong (autograd, tracing)."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -101,3 +103,14 @@ def test_signature_covers_aliasing_and_global_state_and_failed_traces_fall_back(
         for _ in range(2):
             torch.testing.assert_close(module(h), torch.vmap(linear)(h))
     assert len(module.traces) == 1 and sum("make_fx failed" in r.message for r in caplog.records) == 1
+
+
+def test_pickles_as_its_arguments():
+    """Inductor pickles the graph that holds a TracedVmap for its cache key: it must pickle, and the
+    copy must compute the same (its traces are rebuilt, not copied)."""
+    traced = TracedVmap(layer, IN_DIMS, max_traces=3)
+    h, w, table, cache, index = arguments()
+    expected = traced(h, w, table, cache.clone(), index)
+    copy = pickle.loads(pickle.dumps(traced))
+    assert (copy.in_dims, copy.max_traces, copy.traces) == (IN_DIMS, 3, {})
+    assert torch.equal(copy(h, w, table, cache.clone(), index), expected)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import pickle
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from reference import solver_logits
 
 import snlp_compile
 from snlp_compile import SNLPConfig
+from snlp_compile.backends import dynamo
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
 
 VARIANTS = [
@@ -108,11 +110,18 @@ def test_symbolic_sequence_lengths_with_and_without_a_kv_cache():
         torch.testing.assert_close(caches[0].v, caches[1].v, atol=5e-5, rtol=5e-5)
 
 
-def test_inductor_inference_and_training():
+def test_inductor_inference_and_training(monkeypatch):
+    """Both compile through inductor, whose FX-graph cache key pickles the rewritten graph (a graph
+    that does not pickle skips the cache with a logged traceback)."""
+    graphs, real = [], dynamo.inner_compile
+    monkeypatch.setattr(
+        dynamo, "inner_compile", lambda gm, inputs, config: graphs.append(gm) or real(gm, inputs, config)
+    )
     model = build(GPT, dict(x0_mixing=True))
     fn = torch.compile(model, backend="snlp", options=dict(iters=4, fallback="error"))
     with torch.no_grad():
         torch.testing.assert_close(fn(IDX), model(IDX), atol=5e-5, rtol=5e-5)
+    pickle.dumps(graphs[0].snlp_stack)
     fn(IDX).sum().backward()
     assert model.blocks[2].mlp.c_fc.weight.grad.abs().sum() > 0
 
@@ -121,7 +130,6 @@ def test_inductor_inference_and_training():
 def test_inner_compiler_failure_falls_back_to_the_unmodified_graph(monkeypatch, caplog):
     """When inductor fails on the rewrite, the original graph compiles as it was (the rewrite left
     dynamo's graph module, its buffers and parameter sources untouched) and the log says why."""
-    from snlp_compile.backends import dynamo
 
     real = dynamo.inner_compile
 
