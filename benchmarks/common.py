@@ -370,8 +370,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inner", choices=("inductor", "eager"), default=None, help="SNLP inner compiler")
     parser.add_argument(
         "--max-autotune",
-        action="store_true",
-        help="GPU: add the inductor max-autotune baseline (with CUDA graphs) and autotune the timed SNLP variants",
+        nargs="?",
+        const="all",
+        choices=("all", "baseline"),
+        default=None,
+        help="GPU: add the inductor max-autotune baseline (with CUDA graphs) and, unless 'baseline', autotune "
+        "the timed SNLP variants",
     )
     parser.add_argument("--gemv", action="store_true", help="also time each SNLP variant with gemv=True")
     parser.add_argument(
@@ -436,7 +440,8 @@ class Bench:
         base = baseline_variants(self.device)
         if self.args.max_autotune and on_gpu:
             base.insert(2, Variant("inductor+cg+at", "inductor", "max-autotune"))
-            specs = [[with_option(v, "max_autotune", "+at") if v.timed else v for v in vs] for vs in specs]
+            if self.args.max_autotune == "all":
+                specs = [[with_option(v, "max_autotune", "+at") if v.timed else v for v in vs] for vs in specs]
         if self.args.gemv:  # each timed SNLP variant also with the Triton batched GEMV, right after it
             specs = [[w for v in vs for w in ([v, with_option(v, "gemv", "gemv")] if v.timed else [v])] for vs in specs]
         return base[:2] + [v for vs in specs[:2] for v in vs] + base[2:] + [v for vs in specs[2:] for v in vs]

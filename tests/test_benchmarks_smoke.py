@@ -100,25 +100,31 @@ def test_speculative_divergence_names_the_first_differing_token_and_its_logit_ga
 
 def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
     """The GPU variant list (built on any machine): baselines in priority order, the headline spec with and
-    without CUDA graphs, and with --max-autotune the autotuned baseline and autotuned timed SNLP variants."""
+    without CUDA graphs, with --max-autotune the autotuned baseline and autotuned timed SNLP variants, and with
+    --max-autotune baseline the autotuned baseline alone."""
     monkeypatch.syspath_prepend(str(ROOT))
     common = importlib.import_module("benchmarks.common")
     parser = argparse.ArgumentParser()
     common.add_common_args(parser)
     names = {}
-    for flag in ([], ["--max-autotune"]):
+    for flag in ([], ["--max-autotune"], ["--max-autotune", "baseline"]):
         args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), *flag])
         bench = common.Bench("decode", args, default_cg=True)
         bench.device = torch.device("cuda")
         variants = bench.variants("d20", 20)
-        names[bool(flag)] = [v.name for v in variants]
+        names[" ".join(flag)] = [v.name for v in variants]
+        tuned = flag == ["--max-autotune"]
         for v in variants:
-            assert v.options.get("max_autotune", False) == (bool(flag) and v.kind == "snlp" and v.timed)
-    assert names[False] == [
+            assert v.options.get("max_autotune", False) == (tuned and v.kind == "snlp" and v.timed)
+    assert names[""] == [
         "eager", "inductor+cg", "snlp p20 F1 K1 +cg", "snlp p20 F1 K1", "snlp p20 F1 K20 check", "inductor"
     ]  # fmt: skip
-    assert names[True] == [
+    assert names["--max-autotune"] == [
         "eager", "inductor+cg", "snlp p20 F1 K1 +cg +at", "snlp p20 F1 K1 +at", "snlp p20 F1 K20 check",
+        "inductor+cg+at", "inductor",
+    ]  # fmt: skip
+    assert names["--max-autotune baseline"] == [
+        "eager", "inductor+cg", "snlp p20 F1 K1 +cg", "snlp p20 F1 K1", "snlp p20 F1 K20 check",
         "inductor+cg+at", "inductor",
     ]  # fmt: skip
     args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), "--gemv"])
