@@ -6,7 +6,8 @@
 # is killed at a hard limit that also keeps the whole run within TOTAL seconds; the JSONs are
 # rewritten after every row, so a cut run keeps what it measured. Knobs (environment): GRID (headline | minimal | full), BATCH ("1" or
 # e.g. "1 4"), DECODE_BUDGET / FORWARD_BUDGET (seconds per preset), TOTAL (seconds), EXTRA (more
-# flags for the decode and forward scripts, e.g. "--max-autotune"), PYTHON.
+# flags for the decode and forward scripts, e.g. "--max-autotune baseline": the autotuned sequential
+# baseline, the best one for decode, at 75-115 s more compile per preset; raise the budgets), PYTHON.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}
 mkdir -p "$OUT"
