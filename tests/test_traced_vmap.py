@@ -114,3 +114,48 @@ def test_pickles_as_its_arguments():
     copy = pickle.loads(pickle.dumps(traced))
     assert (copy.in_dims, copy.max_traces, copy.traces) == (IN_DIMS, 3, {})
     assert torch.equal(copy(h, w, table, cache.clone(), index), expected)
+
+
+def test_simplify_views_drops_identity_folds_reshape_chains_and_dedupes():
+    """The traced graph keeps fewer view ops and computes the same; a reshape chain on a non-contiguous
+    tensor is kept (reshaping it at once could need other strides)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from snlp_compile.traced_vmap import simplify_views
+
+    def f(x, y):
+        a = x.permute(0, 1, 2).expand(2, 3, 4)  # identities: both dropped
+        b = x.view(6, 4).view(24)  # a chain on a contiguous tensor: one view of x
+        c = x.view(24)  # the same view as b's: dropped
+        z = y.t()  # non-contiguous
+        e = z.view(4, 3, 1).view(4, 3)  # kept: z is not contiguous
+        return a * 2, b + c, e * 3
+
+    x, y = torch.randn(2, 3, 4), torch.randn(3, 4)
+    gm = make_fx(f, tracing_mode="fake")(x, y)
+    expected = gm(x, y)
+
+    def views():
+        targets = (torch.ops.aten.view.default, torch.ops.aten.expand.default, torch.ops.aten.permute.default)
+        return [str(n.args[1]) for n in gm.graph.nodes if n.target in targets]
+
+    assert views() == ["[0, 1, 2]", "[2, 3, 4]", "[6, 4]", "[24]", "[24]", "[4, 3, 1]", "[4, 3]"]
+    assert simplify_views(gm) == 4
+    gm.graph.lint()
+    assert views() == ["[24]", "[4, 3, 1]", "[4, 3]"]
+    for out, ref in zip(gm(x, y), expected, strict=True):
+        assert torch.equal(out, ref)
+
+
+def test_simplify_views_leaves_a_graph_with_in_place_layout_changes():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from snlp_compile.traced_vmap import simplify_views
+
+    def f(x):
+        v = x.view(2, 3)  # an identity view taken before x changes layout
+        x.t_()
+        return v + 1, x.view(3, 2)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(2, 3))
+    assert simplify_views(gm) == 0
