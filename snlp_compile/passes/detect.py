@@ -15,10 +15,13 @@ Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` wit
   together with their per-layer inputs stacked on a leading axis.
 - In-place ops inside a layer only write per-layer inputs (a KV cache slice), never the state
   or an input shared by several layers.
+- No layer draws random numbers from its state (dropout in training mode, `randn_like`): each
+  Newton iteration would draw new ones, so no iteration count would reproduce the model.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from collections import Counter, defaultdict
@@ -165,6 +168,55 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
         return first
     out = node.kwargs.get("out")
     return (("kwargs", "out"), out) if isinstance(out, Node) else None
+
+
+_TRAINING_FLAGS = ("training", "train")  # the argument that makes dropout-like ops random
+
+
+def _aten_name(node: Node) -> str | None:
+    """The name of the aten op a node calls (`dropout`, `bernoulli` for `bernoulli_`), if any."""
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.rstrip("_") or None
+    if node.op != "call_function":
+        return None
+    schema = getattr(node.target, "_schema", None)
+    name = schema.name.split("::")[-1] if schema is not None else getattr(node.target, "__name__", None)
+    return name.rstrip("_") if isinstance(name, str) else None
+
+
+def _training_flag(node: Node) -> object:
+    """The value a dropout-like call passes as its training flag (True where it passes none)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+    else:
+        try:
+            names = list(inspect.signature(node.target).parameters)
+        except (TypeError, ValueError):
+            return True
+    for k, name in enumerate(names):
+        if name in _TRAINING_FLAGS:
+            if name in node.kwargs:
+                return node.kwargs[name]
+            if k < len(node.args):
+                return node.args[k]
+            parameter = None if schema is not None else inspect.signature(node.target).parameters[name]
+            return True if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    return True
+
+
+def random_op(node: Node) -> str | None:
+    """The name of the random op `node` calls (an aten op tagged nondeterministic_seeded, by its own
+    or its aten name: F.dropout, torch.randn_like, Tensor.bernoulli_), None for a deterministic one
+    (such as dropout called with training=False)."""
+    name = _aten_name(node)
+    packet = getattr(torch.ops.aten, name, None) if name else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    tags = {tag for overload in packet.overloads() for tag in getattr(packet, overload).tags}
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return None
+    return None if _training_flag(node) is False else name
 
 
 def mutated_arg(node: Node) -> Node | None:
@@ -391,6 +443,12 @@ def _check_chain(container: str, layers: list[Layer]) -> None:
                     "other than through its input: not a chain"
                 )
         for node in layer.nodes:
+            if (name := random_op(node)) is not None:
+                raise NotAStack(
+                    f"{node.name} in layer {container}.{layer.module_index} draws random numbers ({name}): each "
+                    "Newton iteration would draw new ones, so no iteration count reproduces the model (dropout: "
+                    "put the model in eval mode or set its probability to 0)"
+                )
             written = written_arg(node)
             if written is None:
                 continue

@@ -249,3 +249,46 @@ def test_gemv_without_cuda_graphs_on_cuda_is_logged(caplog, options, device, tra
     with caplog.at_level(logging.WARNING, logger="snlp_compile"):
         warn_gemv_without_cudagraphs(SNLPConfig(**options), inputs, training)
     assert ("gemv=True without CUDA graphs" in caplog.text) == warns
+
+
+class _Noisy(torch.nn.Module):
+    """A residual layer whose branch may draw random numbers from the state."""
+
+    def __init__(self, body: str):
+        super().__init__()
+        self.linear, self.body, self.drop = torch.nn.Linear(8, 8), body, torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = torch.tanh(self.linear(x))
+        if self.body == "dropout module":
+            y = self.drop(y)
+        elif self.body == "randn_like":
+            y = y + 0.1 * torch.randn_like(y)
+        elif self.body == "bernoulli_":
+            y = y * torch.empty_like(y).bernoulli_(0.5)
+        elif self.body == "dropout, training=False":
+            y = torch.nn.functional.dropout(y, 0.5, training=False)
+        return x + y
+
+
+@pytest.mark.parametrize(
+    "body, random",
+    [("dropout module", True), ("randn_like", True), ("bernoulli_", True), ("dropout, training=False", False)],
+)
+@torch.no_grad()
+def test_layers_that_draw_random_numbers_are_not_rewritten(body, random):
+    """Each Newton iteration would draw new samples: no iteration count could reproduce the model, so
+    the backend refuses such a stack, saying why; dropout in eval mode (or training=False) is exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Noisy(body) for _ in range(4)])
+    x = torch.randn(2, 3, 8)
+    compiled = torch.compile(model, backend="snlp", options={"iters": 4, "inner": "eager", "fallback": "error"})
+    if random:
+        with pytest.raises(Exception, match=r"draws random numbers \((dropout|randn_like|bernoulli)\)"):
+            compiled(x)
+    else:
+        torch.testing.assert_close(compiled(x), model(x))
+    if body == "dropout module":  # in eval mode dropout is the identity: rewritten, and exact
+        torch._dynamo.reset()
+        model.eval()
+        torch.testing.assert_close(compiled(x), model(x))
