@@ -170,9 +170,6 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
     return (("kwargs", "out"), out) if isinstance(out, Node) else None
 
 
-_TRAINING_FLAGS = ("training", "train")  # the argument that makes dropout-like ops random
-
-
 def _aten_name(node: Node) -> str | None:
     """The name of the aten op a node calls (`dropout`, `bernoulli` for `bernoulli_`), if any."""
     if node.op == "call_method" and isinstance(node.target, str):
@@ -184,31 +181,27 @@ def _aten_name(node: Node) -> str | None:
     return name.rstrip("_") if isinstance(name, str) else None
 
 
-def _training_flag(node: Node) -> object:
-    """The value a dropout-like call passes as its training flag (True where it passes none)."""
+def _bound_arguments(node: Node, packet: torch._ops.OpOverloadPacket) -> dict[str, Any]:
+    """A call_function node's arguments by name, defaults filled in: by the aten schema of an aten
+    target, by the Python signature of a Python one, else by the packet's schema (builtins such as
+    torch's SDPA have no Python signature; their arguments follow the aten op's)."""
     schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        names = [a.name for a in schema.arguments]
-    else:
+    if schema is None:
         try:
-            names = list(inspect.signature(node.target).parameters)
+            parameters = inspect.signature(node.target).parameters
         except (TypeError, ValueError):
-            return True
-    for k, name in enumerate(names):
-        if name in _TRAINING_FLAGS:
-            if name in node.kwargs:
-                return node.kwargs[name]
-            if k < len(node.args):
-                return node.args[k]
-            parameter = None if schema is not None else inspect.signature(node.target).parameters[name]
-            return True if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
-    return True
+            schema = getattr(packet, packet.overloads()[0])._schema
+        else:
+            defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+            return {**defaults, **dict(zip(parameters, node.args, strict=False)), **node.kwargs}
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    return {**defaults, **dict(zip([a.name for a in schema.arguments], node.args, strict=False)), **node.kwargs}
 
 
 def random_op(node: Node) -> str | None:
     """The name of the random op `node` calls (an aten op tagged nondeterministic_seeded, by its own
-    or its aten name: F.dropout, torch.randn_like, Tensor.bernoulli_), None for a deterministic one
-    (such as dropout called with training=False)."""
+    or its aten name: F.dropout, torch.randn_like, Tensor.bernoulli_), None for a deterministic one:
+    a dropout-like op called with training=False, SDPA with dropout_p=0."""
     name = _aten_name(node)
     packet = getattr(torch.ops.aten, name, None) if name else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
@@ -216,7 +209,11 @@ def random_op(node: Node) -> str | None:
     tags = {tag for overload in packet.overloads() for tag in getattr(packet, overload).tags}
     if torch.Tag.nondeterministic_seeded not in tags:
         return None
-    return None if _training_flag(node) is False else name
+    bound = _bound_arguments(node, packet) if node.op == "call_function" else {}
+    flag = next((bound[k] for k in ("training", "train") if k in bound), None)
+    if flag is False or (flag is None and bound.get("dropout_p", 1) in (0, 0.0)):
+        return None
+    return name
 
 
 def mutated_arg(node: Node) -> Node | None:

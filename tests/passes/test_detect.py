@@ -169,3 +169,33 @@ def test_tuple_outputs_and_keyword_arguments():
     found = report(KwargsModel(), torch.randn(2, 5, 4))
     assert found.found and found.layers == [0, 1, 2] and found.groups == [[0, 1, 2]]
     assert found.surrogate == "identity"
+
+
+def test_random_op_names_seeded_ops_unless_switched_off():
+    """Torch-level, aten-level and method calls; dropout-like ops with training=False and SDPA with
+    dropout_p=0 draw nothing."""
+    import torch.nn.functional as F
+    from torch.fx import Graph
+
+    from snlp_compile.passes.detect import random_op
+
+    graph = Graph()
+    x = graph.placeholder("x")
+    aten = torch.ops.aten
+    cases = [
+        (aten.scaled_dot_product_attention.default, (x, x, x), {}, None),
+        (aten.scaled_dot_product_attention.default, (x, x, x, None, 0.1), {}, "scaled_dot_product_attention"),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, (x, x, x, 0.0, True), {}, None),
+        (aten.dropout.default, (x, 0.5, False), {}, None),
+        (aten.native_dropout.default, (x, 0.5, True), {}, "native_dropout"),
+        (F.scaled_dot_product_attention, (x, x, x), {"is_causal": True}, None),
+        (F.scaled_dot_product_attention, (x, x, x, None, 0.2), {}, "scaled_dot_product_attention"),
+        (F.dropout, (x, 0.1, False), {}, None),
+        (F.dropout, (x,), {}, "dropout"),  # training defaults to True
+        (torch.randn_like, (x,), {}, "randn_like"),
+        (torch.rms_norm, (x, (4,)), {}, None),
+    ]
+    for target, args, kwargs, expected in cases:
+        assert random_op(graph.call_function(target, args, kwargs)) == expected, (target, args, kwargs)
+    assert random_op(graph.call_method("bernoulli_", (x, 0.5))) == "bernoulli"
+    assert random_op(graph.call_method("view", (x, 4))) is None
