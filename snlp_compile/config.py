@@ -103,5 +103,8 @@ class SNLPConfig:
         if self.n_seq >= num_layers:
             raise ValueError(f"SNLPConfig.n_seq must be < the number of layers ({num_layers}), got {self.n_seq}")
         n_par = num_layers - self.n_seq
-        if self.blocks > n_par:
-            raise ValueError(f"SNLPConfig.blocks must be <= the number of parallel layers ({n_par}), got {self.blocks}")
+        for name in ("blocks", "fuse"):
+            if getattr(self, name) > n_par:
+                raise ValueError(
+                    f"SNLPConfig.{name} must be <= the number of parallel layers ({n_par}), got {getattr(self, name)}"
+                )

@@ -239,7 +239,13 @@ def _check_arguments(
     return prompt
 
 
-def _check_cache(kv_cache: StaticKVCache, batch_size: int, needed: int, device: torch.device) -> None:
+def _check_cache(
+    kv_cache: StaticKVCache, config: GPTConfig, batch_size: int, needed: int, device: torch.device
+) -> None:
+    expected = {"n_layer": config.n_layer, "n_kv_head": config.n_kv_head, "head_dim": config.head_dim}
+    found = dict(zip(expected, (kv_cache.k.size(0), kv_cache.k.size(2), kv_cache.k.size(4)), strict=True))
+    if found != expected:
+        raise ValueError(f"kv_cache was built for another model: it has {found}, the model needs {expected}")
     if kv_cache.batch_size != batch_size:
         raise ValueError(f"kv_cache batch size {kv_cache.batch_size} must equal the prompt batch size {batch_size}")
     if kv_cache.max_seq_len < needed:
@@ -365,7 +371,7 @@ def stream(
     batch, needed = prompt.size(0), prompt.size(1) + max_new_tokens - 1
     if kv_cache is None:
         kv_cache = StaticKVCache(model.config, batch, needed, dtype=weight.dtype, device=weight.device)
-    _check_cache(kv_cache, batch, needed, weight.device)
+    _check_cache(kv_cache, model.config, batch, needed, weight.device)
     kv_cache.reset()
 
     exact = compiled_forward(model, None, snlp_config.cudagraphs) if compile_sequential else partial(_forward, model)

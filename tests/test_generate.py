@@ -223,12 +223,16 @@ def test_compiled_model_cache_does_not_keep_the_model_alive():
         (torch.zeros(1, 3, dtype=torch.long), dict(config=dict(iters=0)), "SNLPConfig.iters"),
         (torch.zeros(2, 3, dtype=torch.long), dict(kv_cache="batch1"), "kv_cache batch size 1"),
         (torch.zeros(1, 30, dtype=torch.long), dict(kv_cache="batch1"), "kv_cache max_seq_len=24 must be >= "),
+        (torch.zeros(1, 3, dtype=torch.long), dict(kv_cache="2 layers"), r"another model: it has \{'n_layer': 2"),
+        (torch.zeros(1, 3, dtype=torch.long), dict(kv_cache="wider"), r"'head_dim': 16\}, the model needs"),
     ],
 )
 def test_errors(gpt, prompt, kwargs, match):
     kwargs = dict(max_new_tokens=4, **kwargs) if "max_new_tokens" not in kwargs else kwargs
-    if kwargs.get("kv_cache") == "batch1":
-        kwargs["kv_cache"] = StaticKVCache(gpt.config, 1, CACHE_LEN)
+    caches = {"batch1": {}, "2 layers": dict(n_layer=2), "wider": dict(n_embd=64)}
+    if kwargs.get("kv_cache") in caches:
+        other = dataclasses.replace(gpt.config, **caches[kwargs["kv_cache"]])
+        kwargs["kv_cache"] = StaticKVCache(other, 1, CACHE_LEN)
     with pytest.raises(ValueError, match=match):
         stream(gpt, prompt, **kwargs)
 

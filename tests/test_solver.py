@@ -192,6 +192,8 @@ def test_bad_options_and_depth():
         solve(residual_stack(3), torch.randn(1, D), SNLPConfig(n_seq=3))
     with pytest.raises(ValueError, match=r"blocks must be <= the number of parallel layers \(2\)"):
         solve(residual_stack(3), torch.randn(1, D), SNLPConfig(n_seq=1, blocks=3))
+    with pytest.raises(ValueError, match=r"fuse must be <= the number of parallel layers \(2\)"):
+        solve(residual_stack(3), torch.randn(1, D), SNLPConfig(n_seq=1, fuse=3))
     with pytest.raises(ValueError, match="mix surrogate values must be"):
         Surrogate("mix", torch.ones(3, 2))
 
