@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from .backends.dynamo import snlp_backend
 from .config import SNLPConfig
+from .fresh_code import fresh_function
 from .models.config import GPTConfig
 from .models.kv_cache import StaticKVCache
 
@@ -46,16 +46,10 @@ _COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[Any, Callable]] = weakref.W
 
 
 def _forward(model: nn.Module, idx: Tensor, kv_cache: StaticKVCache) -> Tensor:
-    """The function handed to torch.compile: the model is an argument, so the cache does not own it."""
+    """The function handed to torch.compile (as a `fresh_function` copy per compile, so that the graphs
+    of different models and configs never push each other into eager fallbacks): the model is an
+    argument, so the cache does not own it."""
     return model(idx, kv_cache=kv_cache)
-
-
-def _fresh_forward() -> Callable[[nn.Module, Tensor, StaticKVCache], Tensor]:
-    """`_forward` with a code object of its own. Dynamo keeps its compiled graphs, and counts them
-    against its recompile limit, per code object: one copy per compile keeps the graphs of
-    different models and configs from pushing each other into eager fallbacks. (Dynamo's
-    automatic-dynamic shape memory is keyed by file, line and name, so the copies still share it.)"""
-    return types.FunctionType(_forward.__code__.replace(), _forward.__globals__, _forward.__name__)
 
 
 def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
@@ -75,10 +69,12 @@ def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bo
     if key not in per_model:
         if config is None:
             mode = "reduce-overhead" if cudagraphs else None
-            per_model[key] = torch.compile(_fresh_forward(), mode=mode)
+            per_model[key] = torch.compile(fresh_function(_forward), mode=mode)
         else:
             options = dataclasses.asdict(config)
-            per_model[key] = torch.compile(_fresh_forward(), backend=snlp_backend, options=options, dynamic=False)
+            per_model[key] = torch.compile(
+                fresh_function(_forward), backend=snlp_backend, options=options, dynamic=False
+            )
         what = config or f"inductor (sequential{', CUDA graphs' if cudagraphs else ''})"
         logger.info("snlp: compiled %s for decoding with %s", type(model).__name__, what)
     compiled = per_model[key]

@@ -11,6 +11,7 @@ from torch import nn
 
 from .backends.dynamo import analyse
 from .config import SNLPConfig
+from .fresh_code import fresh_function
 from .passes.detect import NotAStack
 from .passes.rewrite import same_value
 
@@ -43,6 +44,11 @@ class StackReport:
         if self.excluded:
             lines.append(f"  run sequentially before the stack: layers {self.excluded}")
         return "\n".join(lines)
+
+
+def _call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`self(*args, **kwargs)`; named `self` so that dynamo's sources (L['self'].blocks) read as a module's."""
+    return self(*args, **kwargs)
 
 
 def find_layer_stack(
@@ -78,10 +84,8 @@ def find_layer_stack(
         )
         return gm.forward
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(*example_inputs, **kwargs)
-    torch._dynamo.reset()
+    with torch.no_grad():  # a fresh copy of _call: its graphs are dropped with it, other compiles are kept
+        torch.compile(fresh_function(_call), backend=capture)(model, *example_inputs, **kwargs)
     if not reports:
         reason = "dynamo captured no graph (a graph break inside the layer loop makes it run the loop eagerly)"
         reports.append(StackReport(found=False, reason=reason))

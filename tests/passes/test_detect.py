@@ -199,3 +199,20 @@ def test_random_op_names_seeded_ops_unless_switched_off():
         assert random_op(graph.call_function(target, args, kwargs)) == expected, (target, args, kwargs)
     assert random_op(graph.call_method("bernoulli_", (x, 0.5))) == "bernoulli"
     assert random_op(graph.call_method("view", (x, 4))) is None
+
+
+def test_find_layer_stack_keeps_the_process_compiled_models():
+    """It traces a fresh copy of its own entry function: models compiled before it stay compiled."""
+    model, idx = GPT(GPTConfig.preset("tiny")).eval(), torch.randint(0, 64, (1, 8))
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=counting)
+    with torch.no_grad():
+        compiled(idx)
+        (report,) = find_layer_stack(model, (idx,))
+        compiled(idx)
+    assert report.found and report.container == "L['self'].blocks" and len(compiles) == 1
