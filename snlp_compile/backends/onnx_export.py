@@ -44,6 +44,7 @@ def export_onnx(
     with torch.no_grad():
         exported = torch.export.export(model, example_inputs).module()
         parallel = snlp_transform(exported, example_inputs, config)
+        parallel.training = model.training  # torch.export's module says training: its mode is the model's
         program = torch.onnx.export(parallel, example_inputs, dynamo=True, verbose=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))

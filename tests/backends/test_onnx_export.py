@@ -1,5 +1,7 @@
 """ONNX parity: onnxruntime runs the rewritten graph and matches PyTorch."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,8 @@ def run_onnx(path, idx):
 def test_onnx_matches_the_rewritten_graph_and_the_model(cls, tmp_path):
     model = cls(GPTConfig.preset("tiny", n_layer=3, sinkhorn_iters=4)).eval()
     idx = torch.randint(0, 64, (1, 12))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Exporting a model while it is in training mode")  # it is not
         expected = model(idx).numpy()
         exact = run_onnx(export_onnx(model, (idx,), tmp_path / "exact.onnx", {"iters": 3}), idx)
         np.testing.assert_allclose(exact, expected, atol=1e-4, rtol=1e-4)
