@@ -318,22 +318,25 @@ def _canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     writes = [(order[n], _roots(n)) for n in graph.nodes if mutated_arg(n) is not None]
     canonical: dict[Node, Node] = {}
-    representatives: list[Node] = []
+    representatives: dict[tuple, list[Node]] = {}  # by (op, target): only computed values can repeat
     for node in (n for layer in layers for n in layer.inputs):
         if node in canonical:
             continue
-        roots = _roots(node)
+        if node.op not in ("call_function", "call_method"):  # graph inputs (weights) are their own values
+            canonical[node] = node
+            continue
+        roots, candidates = _roots(node), representatives.setdefault((node.op, node.target), [])
         canonical[node] = next(
             (
                 r
-                for r in representatives
+                for r in candidates
                 if same_value(r, node)
                 and not any(order[r] < at < order[node] and written & roots for at, written in writes)
             ),
             node,
         )
         if canonical[node] is node:
-            representatives.append(node)
+            candidates.append(node)
     return canonical
 
 
