@@ -115,9 +115,15 @@ _VIEWS = {
 _RESHAPES = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 
 
-def _layout(node: object) -> tuple | None:
+def _value(node: object) -> Tensor | None:
+    """The (fake) tensor a traced node computes, if it computes one."""
     value = node.meta.get("val") if isinstance(node, Node) else None
-    return (value.shape, value.stride(), value.storage_offset(), value.dtype) if isinstance(value, Tensor) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def _layout(node: object) -> tuple | None:
+    value = _value(node)
+    return None if value is None else (value.shape, value.stride(), value.storage_offset(), value.dtype)
 
 
 def simplify_views(gm: GraphModule) -> int:
@@ -136,8 +142,8 @@ def simplify_views(gm: GraphModule) -> int:
         source = node.args[0]
         if node.target in _RESHAPES and source.op == "call_function" and source.target in _RESHAPES:
             inner = source.args[0]
-            value = inner.meta.get("val") if isinstance(inner, Node) else None
-            if isinstance(value, Tensor) and value.is_contiguous():
+            value = _value(inner)
+            if value is not None and value.is_contiguous():
                 node.args, source = (inner, *node.args[1:]), inner
         key = repr((node.target, node.args, node.kwargs))  # args hold lists; nodes print as their unique names
         layout = _layout(node)

@@ -211,7 +211,7 @@ def random_op(node: Node) -> str | None:
         return None
     bound = _bound_arguments(node, packet) if node.op == "call_function" else {}
     flag = next((bound[k] for k in ("training", "train") if k in bound), None)
-    if flag is False or (flag is None and bound.get("dropout_p", 1) in (0, 0.0)):
+    if flag is False or (flag is None and bound.get("dropout_p", 1) == 0):
         return None
     return name
 
@@ -232,11 +232,12 @@ def _forward_closure(starts: set[Node], within: set[Node] | None = None) -> set[
     return seen
 
 
-def _backward_closure(starts: set[Node], within: set[Node]) -> set[Node]:
+def backward_closure(starts: set[Node], within: set[Node] | None = None) -> set[Node]:
+    """The nodes `starts` are computed from (not `starts` themselves), within `within` if given."""
     seen, todo = set(), list(starts)
     while todo:
         for arg in todo.pop().all_input_nodes:
-            if arg not in seen and arg in within:
+            if arg not in seen and (within is None or arg in within):
                 seen.add(arg)
                 todo.append(arg)
     return seen
@@ -338,7 +339,7 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
     for pos in range(1, len(indices)):
         prev_out, region = outs[pos - 1], regions[pos]
         between = _forward_closure({prev_out}, non_keyed)
-        glue = _backward_closure(region, between)
+        glue = backward_closure(region, between)
         full = glue | region
         stray = [u for u in prev_out.users if u not in full]
         if stray:

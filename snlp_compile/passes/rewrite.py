@@ -42,7 +42,15 @@ from ..kernels.stacked_linear import bias_free_linear
 from ..solver import IDENTITY, Surrogate, solve
 from ..stacked_weights import StackedWeights
 from ..traced_vmap import TracedVmap
-from .detect import Layer, LayerStackMatch, NotAStack, example_value, map_args, mutated_arg
+from .detect import (
+    Layer,
+    LayerStackMatch,
+    NotAStack,
+    backward_closure,
+    example_value,
+    map_args,
+    mutated_arg,
+)
 from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
 
@@ -298,16 +306,7 @@ def same_value(a: object, b: object) -> bool:
 
 def _roots(node: Node) -> set[Node]:
     """The graph inputs (placeholders, get_attrs) whose values `node` is computed from."""
-    seen, todo, roots = {node}, [node], set()
-    while todo:
-        current = todo.pop()
-        if current.op in ("placeholder", "get_attr"):
-            roots.add(current)
-        for arg in current.all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                todo.append(arg)
-    return roots
+    return {n for n in backward_closure({node}) | {node} if n.op in ("placeholder", "get_attr")}
 
 
 def _canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
