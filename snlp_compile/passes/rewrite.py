@@ -53,6 +53,7 @@ from .detect import (
 )
 from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
+from .twin_chains import fuse_twin_chains
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -152,17 +153,28 @@ def _batchable_target(node: Node, gemv: bool, one_layer: bool, fused_norm: bool)
 
 
 def layer_module(
-    root: GraphModule, layer: Layer, gemv: bool = False, one_layer: bool = False, fused_norm: bool = False
+    root: GraphModule,
+    layer: Layer,
+    gemv: bool = False,
+    one_layer: bool = False,
+    fused_norm: bool = False,
+    eager: bool = False,
+    aliases: list[int] | None = None,
 ) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: decode kernels
     (inference only: they have no autograd formula): bias-free linears through snlp::linear,
     siblings of one input in one call, and with `one_layer` (a graph called for one layer at a
     time, not under vmap) decode attention through the split-KV kernels; `fused_norm` (inference
-    under vmap, eager inner compiler): RMS norms through snlp::rms_norm."""
+    under vmap, eager inner compiler): RMS norms through snlp::rms_norm; `eager` (a graph run
+    eagerly): twin chains as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
+    placeholder the graph reads for input k (one that always holds the same value, `_input_aliases`)."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
-    slot = {node: inputs[k] for k, node in enumerate(layer.inputs)}
+    for placeholder, node in zip((state, *inputs), (layer.state_in, *layer.inputs), strict=True):
+        placeholder.meta = dict(node.meta)  # the traced values, which passes on the layer graph read
+    aliases = aliases or list(range(len(inputs)))
+    slot = {node: inputs[aliases[k]] for k, node in enumerate(layer.inputs)}
     env: dict[Node, Node] = {}
     for node in layer.nodes:
 
@@ -180,6 +192,8 @@ def layer_module(
     graph.output(env[layer.state_out])
     if gemv:
         fuse_sibling_linears(graph)
+    if eager:
+        fuse_twin_chains(graph)
     return GraphModule(root, graph)
 
 
@@ -339,6 +353,14 @@ def _canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
     return canonical
 
 
+def _input_aliases(layers: list[Layer], members: list[int], canonical: dict[Node, Node]) -> list[int]:
+    """For each input slot of a group's layers, the first slot that holds the same value in every
+    member (`_canonical_inputs`: e.g. the rotary tables cast once for q and once for k), so that the
+    layer graph reads one placeholder for both and its ops on them compare equal."""
+    inputs = [[canonical[n] for n in layers[p].inputs] for p in members]
+    return [next(j for j in range(k + 1) if all(x[j] is x[k] for x in inputs)) for k in range(len(inputs[0]))]
+
+
 def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
     """(base, slice) when nodes are base[i0], base[i0 + d], ... (d >= 1), else None."""
     picks = []
@@ -442,11 +464,20 @@ def rewrite_stack(
                 name = f"snlp_stacked_g{g}_i{k}"
                 added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
-    gemv = config.gemv and not training
-    fused_norm = config.inner == "eager" and not training  # inductor fuses norms by itself
+    gemv, eager = config.gemv and not training, config.inner == "eager"
+    fused_norm = eager and not training  # inductor fuses norms by itself
+    aliases = [_input_aliases(layers, m, canonical) for m in match.groups]
     program = StackProgram(
-        [layer_module(gm, layers[m[0]], gemv, fused_norm=fused_norm) for m in match.groups],
-        [layer_module(gm, layers[m[0]], gemv, one_layer=True) for m in match.groups] if gemv or fused_norm else None,
+        [
+            layer_module(gm, layers[m[0]], gemv, fused_norm=fused_norm, eager=eager, aliases=a)
+            for m, a in zip(match.groups, aliases, strict=True)
+        ],
+        [
+            layer_module(gm, layers[m[0]], gemv, one_layer=True, eager=eager, aliases=a)
+            for m, a in zip(match.groups, aliases, strict=True)
+        ]
+        if gemv or fused_norm
+        else None,
         match.groups,
         batched,
         recipes,
