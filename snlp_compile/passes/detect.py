@@ -21,6 +21,7 @@ Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` wit
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
@@ -141,6 +142,27 @@ def _meta(node: Node) -> tuple:
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+@functools.cache
+def _inplace_position(target: Any) -> int | None:
+    """The position of a Python function's `inplace` parameter (F.relu, F.dropout, ...), if it has one."""
+    try:
+        parameters = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
+
+
+def _inplace_flag(node: Node) -> bool:
+    """The call passes inplace=True (by keyword or position) to a function that takes that flag."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        position = _inplace_position(node.target)
+    except TypeError:  # an unhashable target
+        return False
+    return position is not None and len(node.args) > position and node.args[position] is True
+
+
 def written_arg(node: Node) -> tuple[tuple, Node] | None:
     """(position in the node's args as `flat_args` names it, node) of what an in-place op writes
     (the first written node for an op that writes several), or None for a pure op."""
@@ -160,7 +182,7 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
                     if isinstance(item, Node):
                         return item_path, item
         return None
-    if node.target in _INPLACE_FUNCTIONS:
+    if node.target in _INPLACE_FUNCTIONS or _inplace_flag(node):
         return first if isinstance(first[1], Node) else None
     name = getattr(node.target, "__name__", "")
     is_operator = node.target in vars(operator).values()  # operator.and_ etc. are pure

@@ -8,15 +8,23 @@ these ops by itself, so only graphs run eagerly take this pass). Invariants:
 
 - a chain holds only ops that act on each index of the concatenation dim on its own: pointwise
   ops whose other tensor operands have size 1 there, slices that keep that dim whole, `cat` along
-  another dim, and norms over trailing dims that exclude it; every pair of twin ops has the same
-  target and the same other operands, and the two sides' values differ in shape only along the
-  concatenation dim, so each half of a fused op's value is the value of its twin op;
-- every value read outside the chains is the matching half of the fused value (`torch.split`:
-  views, so elementwise the same tensor), and nothing is fused unless it saves dispatches.
+  another dim, transposes of two other dims, and norms over trailing dims that exclude it; twin
+  ops have the same target and the same other operands (constants compared exactly, -0.0 is not
+  0.0), so each half of a fused value is its twin's value (up to how a CPU kernel's vectorised
+  body and scalar tail round);
+- before anything changes, the fused chain is run on fake tensors: every fused value must be the
+  two sides' values side by side along the concatenation dim, and every half read outside the
+  chain must have its original's strides (dims of size 1 aside), so readers see the same layout;
+- nothing between the first seed and the last chain op writes in place (a fused op runs where its
+  later twin ran, so a write in between would be seen by both sides or by neither);
+- every value read outside the chains is the matching half of the fused value, new nodes carry
+  their traced values, and nothing is fused unless it saves dispatches.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -24,23 +32,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, Node
 
 from .detect import example_value, mutated_arg
 
-_POINTWISE_FUNCTIONS = {
+logger = logging.getLogger("snlp_compile")
+
+# pointwise ops that broadcast their tensor operands, and those that read only their first operand
+_BINARY_FUNCTIONS = {
     operator.add,
     operator.sub,
     operator.mul,
     operator.truediv,
-    operator.neg,
     operator.pow,
     torch.add,
     torch.sub,
     torch.mul,
     torch.div,
-    torch.neg,
     torch.pow,
+}
+_UNARY_FUNCTIONS = {
+    operator.neg,
+    torch.neg,
     torch.square,
     torch.sqrt,
     torch.rsqrt,
@@ -52,29 +66,13 @@ _POINTWISE_FUNCTIONS = {
     F.silu,
     F.gelu,
 }
-_POINTWISE_METHODS = {
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "neg",
-    "pow",
-    "square",
-    "sqrt",
-    "rsqrt",
-    "exp",
-    "tanh",
-    "sigmoid",
-    "relu",
-    "float",
-    "half",
-    "bfloat16",
-    "to",
-    "contiguous",
-}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "pow"}
+_UNARY_METHODS = {"neg", "square", "sqrt", "rsqrt", "exp", "tanh", "sigmoid", "relu", "float", "half", "bfloat16"}
 _NORMS = {torch.rms_norm, F.rms_norm, torch.ops.snlp.rms_norm.default, F.layer_norm}
 _CATS = {torch.cat, torch.concat}
 _TRANSPOSES = {torch.transpose, "transpose"}
+
+Twins = dict[Node, Node]  # side a's chain op -> side b's
 
 
 def _tensor(node: Any) -> Tensor | None:
@@ -82,26 +80,45 @@ def _tensor(node: Any) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _shape(t: Tensor) -> tuple:
-    """t's shape with symbolic sizes as their expressions (compared without guarding on them)."""
-    return tuple(size if isinstance(size, int) else str(size) for size in t.shape)
+def _sizes(sizes: Any) -> tuple:
+    """Sizes or strides with symbolic entries as their expressions (compared without guarding on them)."""
+    return tuple(size if isinstance(size, int) else str(size) for size in sizes)
 
 
 def _leaves(value: Any) -> Iterator[Any]:
     if isinstance(value, (list, tuple)):
         for item in value:
             yield from _leaves(item)
+    elif isinstance(value, dict):
+        yield from _leaves(list(value.values()))
     elif isinstance(value, slice):
         yield from (value.start, value.stop, value.step)
     else:
         yield value
 
 
-def _mirror(value: Any, twin: dict[Node, Node]) -> Any:
-    """`value` with every chain node replaced by its twin."""
+def _mirror(value: Any, mapping: dict[Node, Any]) -> Any:
+    """`value` with every node in `mapping` replaced by what it maps to."""
     if isinstance(value, (list, tuple)):
-        return type(value)(_mirror(item, twin) for item in value)
-    return twin.get(value, value) if isinstance(value, Node) else value
+        return type(value)(_mirror(item, mapping) for item in value)
+    if isinstance(value, dict):
+        return {key: _mirror(item, mapping) for key, item in value.items()}
+    return mapping.get(value, value) if isinstance(value, Node) else value
+
+
+def _same(x: Any, y: Any) -> bool:
+    """x and y are the same operand: the same node, or equal constants (floats to the sign of zero)."""
+    if isinstance(x, dict) or isinstance(y, dict):
+        both = isinstance(x, dict) and isinstance(y, dict)
+        return both and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+        sequences = isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))
+        return sequences and isinstance(x, list) == isinstance(y, list) and len(x) == len(y) and all(map(_same, x, y))
+    if isinstance(x, Node) or isinstance(y, Node):
+        return x is y
+    if isinstance(x, float) and isinstance(y, float):
+        return x == y and math.copysign(1.0, x) == math.copysign(1.0, y)
+    return type(x) is type(y) and x == y
 
 
 def _full_slice_at(index: Any, rank: int, dim: int) -> bool:
@@ -118,8 +135,8 @@ def _full_slice_at(index: Any, rank: int, dim: int) -> bool:
     return len(items) == rank and items[dim] == slice(None)
 
 
-def _argument(node: Node, position: int, name: str) -> Any:
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+def _argument(node: Node, position: int, name: str, default: Any = None) -> Any:
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
 
 
 def _separable(node: Node, chain: set[Node], dim: int, rank: int) -> bool:
@@ -127,81 +144,87 @@ def _separable(node: Node, chain: set[Node], dim: int, rank: int) -> bool:
     out = _tensor(node)
     if out is None or out.dim() != rank or mutated_arg(node) is not None:
         return False
-    operands = list(_leaves((node.args, tuple(node.kwargs.values()))))
-    inside = [leaf for leaf in operands if isinstance(leaf, Node) and leaf in chain]
-    outside = [_tensor(leaf) for leaf in operands if isinstance(leaf, Node) and leaf not in chain]
-    if node.op == "call_method" and node.target in _POINTWISE_METHODS or node.target in _POINTWISE_FUNCTIONS:
-        # the chain operands are not broadcast; the other tensors broadcast along dim (size 1 there, or
-        # no such dim); non-tensor operands are constants
-        if any(_tensor(leaf) is None or _shape(_tensor(leaf)) != _shape(out) for leaf in inside):
+    operands = [leaf for leaf in _leaves((node.args, node.kwargs)) if isinstance(leaf, Node)]
+    inside = [leaf for leaf in operands if leaf in chain]
+    outside = [_tensor(leaf) for leaf in operands if leaf not in chain]
+    method = node.op == "call_method"
+    if (method and node.target in _UNARY_METHODS) or (not method and node.target in _UNARY_FUNCTIONS):
+        return not outside and len(inside) == 1 and node.args[:1] == (inside[0],)
+    if (method and node.target in _BINARY_METHODS) or (not method and node.target in _BINARY_FUNCTIONS):
+        # the chain operands are not broadcast; the other tensors broadcast along dim (size 1 there,
+        # or no such dim); non-tensor operands are constants
+        if any(_tensor(leaf) is None or _sizes(_tensor(leaf).shape) != _sizes(out.shape) for leaf in inside):
             return False
-        return all(t is not None and (t.dim() < rank - dim or _shape(t)[dim - rank] == 1) for t in outside)
+        return all(t is not None and (t.dim() < rank - dim or _sizes(t.shape)[dim - rank] == 1) for t in outside)
     if node.target in _TRANSPOSES:  # the other two dims trade places; dim stays where it is
         dims = [_argument(node, 1, "dim0"), _argument(node, 2, "dim1")]
         return all(isinstance(d, int) for d in dims) and dim not in {d % rank for d in dims}
-    if node.op != "call_function":
+    if method:
         return False
     if node.target is operator.getitem:
         return not outside and _full_slice_at(node.args[1], rank, dim)
     if node.target in _CATS:
-        parts, cat_dim = _argument(node, 0, "tensors"), _argument(node, 1, "dim") or 0
-        return not outside and all(p in chain for p in parts) and cat_dim % rank != dim
+        parts, cat_dim = _argument(node, 0, "tensors"), _argument(node, 1, "dim", 0)
+        return not outside and all(p in chain for p in parts) and isinstance(cat_dim, int) and cat_dim % rank != dim
     if node.target in _NORMS:
         shape = _argument(node, 1, "normalized_shape")
-        return node.args[0] in chain and isinstance(shape, (list, tuple)) and dim < rank - len(shape)
+        return node.args[:1] == tuple(inside[:1]) and isinstance(shape, (list, tuple)) and dim < rank - len(shape)
     return False
 
 
-def _twin_of(node: Node, twin: dict[Node, Node], taken: set[Node]) -> Node | None:
-    """The node that applies `node`'s op to the twins of its chain operands, if there is one."""
-    args, kwargs = _mirror(node.args, twin), _mirror(node.kwargs, twin)
-    readers = {user for arg in node.all_input_nodes if arg in twin for user in twin[arg].users}
-    for other in readers:
+def _twin_of(node: Node, twins: Twins, taken: set[Node], order: dict[Node, int]) -> Node | None:
+    """The first node (in graph order) that applies `node`'s op to the twins of its chain operands."""
+    args, kwargs = _mirror(node.args, twins), _mirror(node.kwargs, twins)
+    readers = {user for arg in node.all_input_nodes if arg in twins for user in twins[arg].users}
+    for other in sorted(readers, key=order.__getitem__):
         same_op = other not in taken and (other.op, other.target) == (node.op, node.target)
-        if same_op and other.args == args and other.kwargs == kwargs:
+        if same_op and _same(other.args, args) and _same(other.kwargs, kwargs):
             return other
     return None
 
 
-def _grow(graph: Graph, a: Node, b: Node, dim: int) -> dict[Node, Node]:
+def _grow(graph: Graph, a: Node, b: Node, dim: int, order: dict[Node, int]) -> Twins:
     """Twin ops (side a -> side b) reachable from the seeds (a, b), fused along `dim`."""
     rank = _tensor(a).dim()
-    twin, taken = {a: b}, {a, b}
+    twins, taken = {a: b}, {a, b}
     for node in graph.nodes:
-        if node in taken or not any(arg in twin for arg in node.all_input_nodes):
+        if node in taken or not any(arg in twins for arg in node.all_input_nodes):
             continue
-        if any(arg in taken and arg not in twin for arg in node.all_input_nodes):  # reads side b too
+        if any(arg in taken and arg not in twins for arg in node.all_input_nodes):  # reads side b too
             continue
-        if not _separable(node, set(twin), dim, rank):
+        if not _separable(node, set(twins), dim, rank):
             continue
-        other = _twin_of(node, twin, taken)
-        vo, vn = _tensor(other), _tensor(node)
-        if other is None or vo is None or vo.dtype != vn.dtype or vo.dim() != rank:
+        other = _twin_of(node, twins, taken, order)
+        if other is None or _tensor(other) is None:
             continue
-        so, sn = _shape(vo), _shape(vn)
-        if so[:dim] + so[dim + 1 :] != sn[:dim] + sn[dim + 1 :]:
+        so, sn = _sizes(_tensor(other).shape), _sizes(_tensor(node).shape)
+        if so[:dim] + so[dim + 1 :] != sn[:dim] + sn[dim + 1 :] or _tensor(other).dtype != _tensor(node).dtype:
             continue
-        twin[node] = other
+        twins[node] = other
         taken.update((node, other))
-    del twin[a]
-    return twin
+    del twins[a]
+    return twins
 
 
 def _outside_readers(node: Node, chain: set[Node]) -> list[Node]:
     return [user for user in node.users if user not in chain]
 
 
-def _gain(twin: dict[Node, Node], order: dict[Node, int]) -> int:
-    """Dispatches saved: one per fused pair, less the concatenation and one split per value read
-    outside; 0 when a value is read outside before its twin is computed (its half would come too late)."""
-    chain = set(twin) | set(twin.values())
+def _gain(a: Node, b: Node, twins: Twins, order: dict[Node, int], writes: list[int]) -> int:
+    """Dispatches saved: one per fused pair, less the concatenation and one split per pair read
+    outside; 0 when a value is read outside before its twin is computed (its half would come too
+    late) or when something writes in place between the first seed and the last chain op."""
+    chain = set(twins) | set(twins.values())
+    first, last = min(order[a], order[b]), max((order[n] for n in chain), default=0)
+    if not twins or any(first <= at <= last for at in writes):
+        return 0
     splits = 0
-    for a, b in twin.items():
-        readers = _outside_readers(a, chain) + _outside_readers(b, chain)
-        if any(order[r] < max(order[a], order[b]) for r in readers):
+    for node, other in twins.items():
+        readers = _outside_readers(node, chain) + _outside_readers(other, chain)
+        if any(order[r] < max(order[node], order[other]) for r in readers):
             return 0
         splits += bool(readers)
-    return len(twin) - 1 - splits
+    return len(twins) - 1 - splits
 
 
 def _seed_dims(a: Node, b: Node) -> list[int]:
@@ -210,50 +233,101 @@ def _seed_dims(a: Node, b: Node) -> list[int]:
     va, vb = _tensor(a), _tensor(b)
     if va is None or vb is None or (va.dim(), va.dtype, va.device) != (vb.dim(), vb.dtype, vb.device):
         return []
-    sa, sb = _shape(va), _shape(vb)
+    sa, sb = _sizes(va.shape), _sizes(vb.shape)
     differ = [d for d in range(va.dim()) if sa[d] != sb[d]]
     dims = differ if len(differ) == 1 else (list(range(va.dim())) if not differ else [])
     return [d for d in dims if isinstance(sa[d], int) and isinstance(sb[d], int)]
 
 
-def _best_chain(graph: Graph) -> tuple[Node, Node, int, dict[Node, Node]] | None:
-    """The seed pair, dim and twin ops that save the most dispatches (None when nothing saves any)."""
+def _candidates(graph: Graph) -> list[tuple[int, Node, Node, int, Twins]]:
+    """(gain, seed a, seed b, dim, twins) of every pair of chains that saves dispatches, best first."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    writes = [order[n] for n in graph.nodes if mutated_arg(n) is not None]
     readers: dict[tuple, list[Node]] = {}
     for node in graph.nodes:
         if _tensor(node) is not None:
-            for key in {(user.op, user.target) for user in node.users}:
+            for key in dict.fromkeys((user.op, user.target) for user in node.users):
                 readers.setdefault(key, []).append(node)
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    best, best_gain, seen = None, 0, set()
+    found, seen = [], set()
     for nodes in readers.values():
         for i, a in enumerate(nodes):
             for b in nodes[i + 1 :]:
-                if (a, b) in seen or not any(_twin_of(user, {a: b}, {a, b}) for user in a.users):
+                if (a, b) in seen or not any(_twin_of(user, {a: b}, {a, b}, order) for user in a.users):
                     continue
                 seen.add((a, b))
                 for dim in _seed_dims(a, b):
-                    twin = _grow(graph, a, b, dim)
-                    if (gain := _gain(twin, order)) > best_gain:
-                        best, best_gain = (a, b, dim, twin), gain
-    return best
+                    twins = _grow(graph, a, b, dim, order)
+                    if (gain := _gain(a, b, twins, order, writes)) > 0:
+                        found.append((gain, a, b, dim, twins))
+    found.sort(key=lambda c: -c[0])  # stable: among equal gains, the first pair and the lowest dim
+    return found
 
 
-def _fuse(graph: Graph, a: Node, b: Node, dim: int, twin: dict[Node, Node]) -> None:
+def _call(node: Node, args: tuple, kwargs: dict) -> Any:
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _strides(value: Tensor) -> tuple:
+    """value's strides where its size is not 1 (a size-1 dim's stride is never used)."""
+    return _sizes(stride for size, stride in zip(value.shape, value.stride(), strict=True) if size != 1)
+
+
+def _simulate(a: Node, b: Node, dim: int, twins: Twins) -> dict[Node, Any] | None:
+    """Traced values of the fused chain (seed a -> the concatenation, each side-a op -> its fused op,
+    (op, "halves") -> its split), or None where a fused value would not be the two sides' values side
+    by side along dim, or a half read outside would have other strides than its original."""
+    chain = set(twins) | set(twins.values())
+    # the mode the traced values belong to (not the tracing context's: the backend may run in another)
+    mode = getattr(_tensor(a), "fake_mode", None) or FakeTensorMode(allow_non_fake_inputs=True)
+    values: dict[Any, Any] = {}
+    try:
+        with mode:
+            values[a] = torch.cat([_tensor(a), _tensor(b)], dim=dim)
+            for node, other in twins.items():
+                mapping = {n: values.get(n, example_value(n)) for n in node.all_input_nodes}
+                value = _call(node, _mirror(node.args, mapping), _mirror(node.kwargs, mapping))
+                mine, theirs = _tensor(node), _tensor(other)
+                expected = list(_sizes(mine.shape))
+                expected[dim] = mine.shape[dim] + theirs.shape[dim]
+                if not isinstance(value, Tensor) or _sizes(value.shape) != tuple(expected) or value.dtype != mine.dtype:
+                    return None
+                values[node] = value
+                if _outside_readers(node, chain) or _outside_readers(other, chain):
+                    halves = torch.split(value, [mine.shape[dim], theirs.shape[dim]], dim=dim)
+                    if _strides(halves[0]) != _strides(mine) or _strides(halves[1]) != _strides(theirs):
+                        return None
+                    values[(node, "halves")] = halves
+    except Exception as error:  # noqa: BLE001  (an op the fake tensors reject is an op not to fuse)
+        logger.debug("snlp: twin chains from %s and %s not fused: %s", a.name, b.name, error)
+        return None
+    return values
+
+
+def _fuse(graph: Graph, a: Node, b: Node, dim: int, twins: Twins, values: dict[Node, Any]) -> None:
     order = {node: i for i, node in enumerate(graph.nodes)}
-    chain = set(twin) | set(twin.values())
+    chain = set(twins) | set(twins.values())
+
+    def add(op: str, target: Any, args: tuple, kwargs: dict, value: Any) -> Node:
+        node = graph.create_node(op, target, args, kwargs)
+        node.meta["example_value"] = value
+        return node
+
     with graph.inserting_after(max(a, b, key=order.__getitem__)):
-        fused = {a: graph.call_function(torch.cat, ([a, b],), {"dim": dim})}
-    for node in sorted(twin, key=order.__getitem__):
-        other = twin[node]
+        fused = {a: add("call_function", torch.cat, ([a, b],), {"dim": dim}, values[a])}
+    for node in twins:  # in graph order: _grow adds them so
+        other = twins[node]
         with graph.inserting_before(max(node, other, key=order.__getitem__)):
-            args, kwargs = (_mirror(value, fused) for value in (node.args, node.kwargs))
-            fused[node] = graph.create_node(node.op, node.target, args, kwargs)
-            if not (_outside_readers(node, chain) or _outside_readers(other, chain)):
+            args, kwargs = _mirror(node.args, fused), _mirror(node.kwargs, fused)
+            fused[node] = add(node.op, node.target, args, kwargs, values[node])
+            if (node, "halves") not in values:
                 continue
-            sizes = [_tensor(node).shape[dim], _tensor(other).shape[dim]]
-            halves = graph.call_function(torch.split, (fused[node], sizes), {"dim": dim})
+            halves = values[(node, "halves")]
+            sizes = [half.shape[dim] for half in halves]
+            split = add("call_function", torch.split, (fused[node], sizes), {"dim": dim}, halves)
             for k, original in enumerate((node, other)):
-                half = graph.call_function(operator.getitem, (halves, k))
+                half = add("call_function", operator.getitem, (split, k), {}, halves[k])
                 original.replace_all_uses_with(half, delete_user_cb=lambda user: user not in chain)
     for node in sorted(chain, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
@@ -262,9 +336,14 @@ def _fuse(graph: Graph, a: Node, b: Node, dim: int, twin: dict[Node, Node]) -> N
 def fuse_twin_chains(graph: Graph) -> int:
     """Fuse the twin chains of `graph` in place (module docstring); returns how many were fused."""
     fused = 0
-    while (best := _best_chain(graph)) is not None:
-        _fuse(graph, *best)
-        fused += 1
+    while True:
+        for _, a, b, dim, twins in _candidates(graph):
+            if (values := _simulate(a, b, dim, twins)) is not None:
+                _fuse(graph, a, b, dim, twins, values)
+                fused += 1
+                break
+        else:
+            break
     if fused:
         graph.lint()
     return fused
