@@ -51,6 +51,7 @@ from .detect import (
     map_args,
     mutated_arg,
 )
+from .rotary import fuse_rotary
 from .sibling_linears import fuse_sibling_linears
 from .surrogate import SurrogateRecipe, evaluate_recipe
 from .twin_chains import fuse_twin_chains
@@ -130,14 +131,16 @@ def is_bias_free_linear(node: Node) -> bool:
 _RMS_NORM = (torch.rms_norm, F.rms_norm)
 
 
-def _batchable_target(node: Node, gemv: bool, one_layer: bool, fused_norm: bool) -> tuple[str, object, dict[str, Any]]:
+def _batchable_target(
+    node: Node, gemv: bool, one_layer: bool, fused_kernels: bool
+) -> tuple[str, object, dict[str, Any]]:
     """(op, target, extra kwargs) that evaluates `node` with good batching under vmap: SDPA through snlp::attention
     where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
     linears through snlp::linear and, in a graph for one-layer calls, decode attention through
     snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU), with
-    `fused_norm` RMS norms through snlp::rms_norm (one fused kernel under vmap, not its
+    `fused_kernels` RMS norms through snlp::rms_norm (one fused kernel under vmap, not its
     decomposition); otherwise the node's own."""
-    if fused_norm and node.op == "call_function" and node.target in _RMS_NORM:
+    if fused_kernels and node.op == "call_function" and node.target in _RMS_NORM:
         return "call_function", torch.ops.snlp.rms_norm.default, {}
     if gemv and is_bias_free_linear(node):
         return "call_function", bias_free_linear, {}
@@ -157,16 +160,17 @@ def layer_module(
     layer: Layer,
     gemv: bool = False,
     one_layer: bool = False,
-    fused_norm: bool = False,
+    fused_kernels: bool = False,
     eager: bool = False,
     aliases: list[int] | None = None,
 ) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: decode kernels
     (inference only: they have no autograd formula): bias-free linears through snlp::linear,
     siblings of one input in one call, and with `one_layer` (a graph called for one layer at a
-    time, not under vmap) decode attention through the split-KV kernels; `fused_norm` (inference
-    under vmap, eager inner compiler): RMS norms through snlp::rms_norm; `eager` (a graph run
-    eagerly): twin chains as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
+    time, not under vmap) decode attention through the split-KV kernels; `fused_kernels` (inference
+    under vmap, eager inner compiler): RMS norms through snlp::rms_norm and, after twin chains,
+    rotary embeddings through snlp::rotary (`fuse_rotary`); `eager` (a graph run eagerly): twin
+    chains as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
     placeholder the graph reads for input k (one that always holds the same value, `_input_aliases`)."""
     graph = Graph()
     state = graph.placeholder("state")
@@ -186,7 +190,7 @@ def layer_module(
             return env[value] if value in env else slot[value]
 
         args, kwargs = map_args(node, remap)
-        op, target, extra = _batchable_target(node, gemv, one_layer, fused_norm)
+        op, target, extra = _batchable_target(node, gemv, one_layer, fused_kernels)
         env[node] = graph.create_node(op, target, args, {**kwargs, **extra}, name=node.name)
         env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
@@ -194,6 +198,8 @@ def layer_module(
         fuse_sibling_linears(graph)
     if eager:
         fuse_twin_chains(graph)
+    if fused_kernels:
+        fuse_rotary(graph)
     return GraphModule(root, graph)
 
 
@@ -465,18 +471,18 @@ def rewrite_stack(
                 added[name] = weights.add(value, example_inputs)
                 env[(g, k)] = name
     gemv, eager = config.gemv and not training, config.inner == "eager"
-    fused_norm = eager and not training  # inductor fuses norms by itself
+    fused_kernels = eager and not training  # inductor fuses norms and rotary embeddings by itself
     aliases = [_input_aliases(layers, m, canonical) for m in match.groups]
     program = StackProgram(
         [
-            layer_module(gm, layers[m[0]], gemv, fused_norm=fused_norm, eager=eager, aliases=a)
+            layer_module(gm, layers[m[0]], gemv, fused_kernels=fused_kernels, eager=eager, aliases=a)
             for m, a in zip(match.groups, aliases, strict=True)
         ],
         [
             layer_module(gm, layers[m[0]], gemv, one_layer=True, eager=eager, aliases=a)
             for m, a in zip(match.groups, aliases, strict=True)
         ]
-        if gemv or fused_norm
+        if gemv or fused_kernels
         else None,
         match.groups,
         batched,

@@ -5,22 +5,10 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from dynamo_graphs import traced
 from torch.fx import GraphModule
 
 from snlp_compile.passes.twin_chains import fuse_twin_chains
-
-
-def _traced(fn, *inputs: torch.Tensor) -> tuple[GraphModule, list[torch.Tensor]]:
-    """fn's graph as dynamo hands it to a backend (nodes carry their traced values, as the pass needs)
-    and the inputs in the graph's order."""
-    graphs = []
-
-    def capture(gm: GraphModule, example_inputs: list) -> GraphModule:
-        graphs.append((gm, example_inputs))
-        return gm
-
-    torch.compile(fn, backend=capture, fullgraph=True, dynamic=False)(*inputs)
-    return graphs[0]
 
 
 def _ops(gm: GraphModule) -> int:
@@ -38,7 +26,7 @@ def _fused(fn, *inputs: torch.Tensor) -> tuple[int, int, int]:
     """(chains fused, dispatches before, after), checking that the outputs keep their values (up to a
     CPU kernel's vectorised and scalar rounding), signs of zero and strides, that the inputs end as
     they did, and that every new node carries its traced value."""
-    gm, inputs = _traced(fn, *inputs)
+    gm, inputs = traced(fn, *inputs)
     originals = {node for node in gm.graph.nodes}
     copies = [t.clone() for t in inputs]
     expected, before = gm(*copies), _ops(gm)
