@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import HALF_DTYPES
+from . import HALF_DTYPES, eager_op
 
 try:
     import triton
@@ -110,8 +110,7 @@ def _runs_triton(x: Tensor, normalized_shape: list[int], weight: Tensor | None) 
     return x.is_cuda and triton is not None and floating and fits and weight_ok
 
 
-@torch.library.custom_op("snlp::rms_norm", mutates_args=())
-def rms_norm(
+def _kernel(
     input: Tensor, normalized_shape: list[int], weight: Tensor | None = None, eps: float | None = None
 ) -> Tensor:
     if _runs_triton(input, normalized_shape, weight):
@@ -119,8 +118,7 @@ def rms_norm(
     return torch.rms_norm(input, normalized_shape, weight, eps)
 
 
-@rms_norm.register_fake
-def _(input, normalized_shape, weight=None, eps=None):
+def _fake(input, normalized_shape, weight=None, eps=None):
     return torch.empty_like(input)
 
 
@@ -134,4 +132,9 @@ def _vmap(info, in_dims, input, normalized_shape, weight=None, eps=None):
     return (rms_norm(x, normalized_shape, None, eps) * scale).to(input.dtype), 0
 
 
-rms_norm.register_vmap(_vmap)
+rms_norm = eager_op(
+    "rms_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor",
+    _kernel,
+    _fake,
+    _vmap,
+)

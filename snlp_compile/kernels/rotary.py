@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import eager_op
+
 try:
     import triton
     import triton.language as tl
@@ -165,8 +167,7 @@ def _triton_layout(x: Tensor, cos: Tensor, sin: Tensor) -> TableRows | None:
     return _kernel_layout(x, cos, sin)
 
 
-@torch.library.custom_op("snlp::rotary", mutates_args=())
-def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _kernel(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The rotate-half rotary embedding of x by cos and sin (see the module invariants)."""
     if (layout := _triton_layout(x, cos, sin)) is not None:
         return _launch(x, cos, sin, layout)
@@ -179,8 +180,7 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.contiguous()
 
 
-@rotary.register_fake
-def _(x, cos, sin):
+def _fake(x, cos, sin):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -201,4 +201,4 @@ def _vmap(info, in_dims, x, cos, sin):
     return rotary(x, cos, sin), 0
 
 
-rotary.register_vmap(_vmap)
+rotary = eager_op("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", _kernel, _fake, _vmap)

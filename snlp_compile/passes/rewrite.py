@@ -138,9 +138,10 @@ def _batchable_target(
     where needed (`_needs_batched_attention`), index_copy_ as index_put_, with `gemv` bias-free
     linears through snlp::linear and, in a graph for one-layer calls, decode attention through
     snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU), with
-    `fused_kernels` RMS norms through snlp::rms_norm (one fused kernel under vmap, not its
-    decomposition); otherwise the node's own."""
-    if fused_kernels and node.op == "call_function" and node.target in _RMS_NORM:
+    `fused_kernels`, in a graph run under vmap, RMS norms through snlp::rms_norm (one fused kernel,
+    not its decomposition; a one-layer call keeps torch's, which dispatches faster than a custom
+    op); otherwise the node's own."""
+    if fused_kernels and not one_layer and node.op == "call_function" and node.target in _RMS_NORM:
         return "call_function", torch.ops.snlp.rms_norm.default, {}
     if gemv and is_bias_free_linear(node):
         return "call_function", bias_free_linear, {}
@@ -167,10 +168,10 @@ def layer_module(
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state; `gemv`: decode kernels
     (inference only: they have no autograd formula): bias-free linears through snlp::linear,
     siblings of one input in one call, and with `one_layer` (a graph called for one layer at a
-    time, not under vmap) decode attention through the split-KV kernels; `fused_kernels` (inference
-    under vmap, eager inner compiler): RMS norms through snlp::rms_norm and, after twin chains,
-    rotary embeddings through snlp::rotary (`fuse_rotary`); `eager` (a graph run eagerly): twin
-    chains as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
+    time, not under vmap) decode attention through the split-KV kernels; `fused_kernels` (inference,
+    eager inner compiler): rotary embeddings through snlp::rotary after twin chains (`fuse_rotary`)
+    and, under vmap, RMS norms through snlp::rms_norm; `eager` (a graph run eagerly): twin chains
+    as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
     placeholder the graph reads for input k (one that always holds the same value, `_input_aliases`)."""
     graph = Graph()
     state = graph.placeholder("state")
@@ -479,7 +480,7 @@ def rewrite_stack(
             for m, a in zip(match.groups, aliases, strict=True)
         ],
         [
-            layer_module(gm, layers[m[0]], gemv, one_layer=True, eager=eager, aliases=a)
+            layer_module(gm, layers[m[0]], gemv, one_layer=True, fused_kernels=fused_kernels, eager=eager, aliases=a)
             for m, a in zip(match.groups, aliases, strict=True)
         ]
         if gemv or fused_kernels
