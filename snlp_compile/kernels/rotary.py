@@ -11,7 +11,8 @@ layer graphs call it (`passes/rotary.py`). Invariants:
   and sin, broadcast to x1's shape, vary over one run of collapsible dims (`table_rows`: positions,
   say) with a last-dim stride of 1. Otherwise, and on CPU, it runs the nine ops themselves; the
   kernel also runs on CPU under TRITON_INTERPRET=1 (tests);
-- the output is a new contiguous tensor of x's shape and dtype (cos and sin broadcast to x1's shape);
+- the output is a new contiguous tensor of x's shape (cos and sin broadcast to x1's shape) and the
+  nine ops' dtype; x, cos and sin have at least one dim each;
 - under vmap it is one call with the vmapped axis leading (an unbatched table broadcasts against it);
 - inference only: it has no autograd formula (the rewrite uses it only outside training).
 """
@@ -107,18 +108,22 @@ if triton is not None:
         c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
         y1 = _round(_round(x1 * c) + _round(x2 * s))
-        y2 = _round(_round(-x1 * s) + _round(x2 * c))
+        y2 = _round(_round(x2 * c) - _round(x1 * s))  # bitwise (-x1 * s) + x2 * c; no negation, which
+        # some Triton versions lower to 0 - x (+0.0 for x = +0.0 where torch.neg gives -0.0)
         tl.store(y_ptr + first, y1.to(tl.bfloat16), mask=mask)
         tl.store(y_ptr + first + half, y2.to(tl.bfloat16), mask=mask)
 
 
 _LAYOUTS: dict[tuple, TableRows | None] = {}  # by operand shapes and strides: the host time is the launch's
+_MAX_LAYOUTS = 1024
 
 
 def _kernel_layout(x: Tensor, cos: Tensor, sin: Tensor) -> TableRows | None:
     """The shared row indexing of cos and sin when the kernel can serve these operands, else None."""
     key = (x.shape, x.stride(), x.dtype, cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(), sin.dtype)
     if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:  # many shapes (dynamic sequence lengths): start over
+            _LAYOUTS.clear()
         _LAYOUTS[key] = _uncached_layout(x, cos, sin)
     return _LAYOUTS[key]
 
@@ -151,7 +156,7 @@ def _launch(x: Tensor, cos: Tensor, sin: Tensor, layout: TableRows | None) -> Te
         )
     half = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as the cat of the nine ops
     tiles = rotary_tiles(half)
     _rotary_kernel[(triton.cdiv(rows, tiles.block_r),)](
         x, cos, sin, out, rows, half, *layout,  # the layout indexes the tables as broadcast to x1
@@ -167,10 +172,24 @@ def _triton_layout(x: Tensor, cos: Tensor, sin: Tensor) -> TableRows | None:
     return _kernel_layout(x, cos, sin)
 
 
+def _check_ranks(x_dim: int, cos_dim: int, sin_dim: int) -> None:
+    if min(x_dim, cos_dim, sin_dim) < 1:
+        raise ValueError(
+            f"snlp::rotary: x, cos and sin must have at least one dim (a 0-dim table promotes dtypes as a "
+            f"Python scalar would), got {x_dim}, {cos_dim} and {sin_dim} dims"
+        )
+
+
 def _kernel(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The rotate-half rotary embedding of x by cos and sin (see the module invariants)."""
+    _check_ranks(x.dim(), cos.dim(), sin.dim())
     if (layout := _triton_layout(x, cos, sin)) is not None:
         return _launch(x, cos, sin, layout)
+    return _checked_reference(x, cos, sin)
+
+
+def _checked_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The nine ops' value, contiguous, for tables that do not broadcast x larger (ValueError)."""
     out = reference_rotary(x, cos, sin)
     if out.shape != x.shape:
         raise ValueError(
@@ -181,13 +200,15 @@ def _kernel(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _fake(x, cos, sin):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check_ranks(x.dim(), cos.dim(), sin.dim())
+    return _checked_reference(x, cos, sin)  # on fake tensors: the nine ops' shape and dtype
 
 
 def _vmap(info, in_dims, x, cos, sin):
     """The vmapped axis leads every batched operand, the others keep their logical dims trailing (as
     broadcasting aligns them), so one call computes every layer."""
     rank = x.dim() - (in_dims[0] is not None)
+    _check_ranks(*(v.dim() - (d is not None) for v, d in zip((x, cos, sin), in_dims, strict=True)))
 
     def leading(value: Tensor, dim: int | None) -> Tensor:
         if dim is None:

@@ -163,12 +163,20 @@ def _inplace_flag(node: Node) -> bool:
     return position is not None and len(node.args) > position and node.args[position] is True
 
 
+def _first_node(path: tuple, value: Any) -> tuple[tuple, Node] | None:
+    """(path, node) of `value` if it is a node, else of the first node in it if it is a list or tuple."""
+    if isinstance(value, (list, tuple)):
+        return next((((*path, j), item) for j, item in enumerate(value) if isinstance(item, Node)), None)
+    return (path, value) if isinstance(value, Node) else None
+
+
 def written_arg(node: Node) -> tuple[tuple, Node] | None:
     """(position in the node's args as `flat_args` names it, node) of what an in-place op writes
-    (the first written node for an op that writes several), or None for a pure op."""
-    first = ("args", 0), node.args[0] if node.args else None
+    (the first written node for an op that writes several: `torch._foreach_mul_`'s list, a tuple
+    passed as `out=`), or None for a pure op."""
+    first = _first_node(("args", 0), node.args[0]) if node.args else None
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-        return first if isinstance(first[1], Node) else None
+        return first
     if node.op != "call_function":
         return None
     if isinstance(node.target, torch._ops.OpOverload):  # the schema says which arguments it writes
@@ -183,13 +191,12 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
                         return item_path, item
         return None
     if node.target in _INPLACE_FUNCTIONS or _inplace_flag(node):
-        return first if isinstance(first[1], Node) else None
+        return first
     name = getattr(node.target, "__name__", "")
     is_operator = node.target in vars(operator).values()  # operator.and_ etc. are pure
-    if not is_operator and name.endswith("_") and not name.endswith("__") and isinstance(first[1], Node):
+    if not is_operator and name.endswith("_") and not name.endswith("__") and first is not None:
         return first
-    out = node.kwargs.get("out")
-    return (("kwargs", "out"), out) if isinstance(out, Node) else None
+    return _first_node(("kwargs", "out"), node.kwargs.get("out"))
 
 
 def _aten_name(node: Node) -> str | None:

@@ -9,7 +9,9 @@ and dispatches faster than the nine ops. Invariants:
 
 - the new node reads x, cos and sin where the first op of the pattern read them, and nothing
   between that op and the `cat` writes in place; the pattern's values are read by nothing else;
-- the `cat` has x's shape and dtype (the tables do not broadcast x any larger);
+- the `cat` has x's shape and dtype and is contiguous, as snlp::rotary's output is (the tables do
+  not broadcast x any larger); the tables are tensors of x's dtype with at least one dim, so type
+  promotion does not depend on the order of a product's operands;
 - the new node carries the `cat`'s traced value.
 """
 
@@ -115,9 +117,11 @@ def _match(cat: Node) -> tuple[Node, Node, Node] | None:
     (m1, _, x__, sin_), (m2, _, x___, cos_) = by_half[1]["x1"], by_half[1]["x2"]
     if not (x is x_ is x__ is x___ and cos is cos_ and sin is sin_) or (n1, n2, m1, m2) != (False, False, True, False):
         return None
-    x_value = example_value(x)
-    if (tuple(value.shape), value.dtype) != (tuple(x_value.shape), x_value.dtype):
+    x_value, tables = example_value(x), [example_value(cos), example_value(sin)]
+    if (tuple(value.shape), value.dtype) != (tuple(x_value.shape), x_value.dtype) or not value.is_contiguous():
         return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.dtype == x_value.dtype for t in tables):
+        return None  # a 0-dim or other-dtype table promotes differently depending on the operand order
     return x, cos, sin
 
 

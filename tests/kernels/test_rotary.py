@@ -63,7 +63,7 @@ def test_triton_kernel_under_the_interpreter():
                 assert "triton_rotary: x contiguous with an even last dim" in str(error), error
             else:
                 raise AssertionError("bad operands accepted")
-        rot._runs_triton = lambda *args: True  # as on CUDA: the op takes the kernel
+        rot._triton_layout = rot._kernel_layout  # as on CUDA: the op takes the kernel where it serves the operands
         x = (torch.randn(4, 2, 7, 3, 16) * 4).to(h)
         angles = torch.randn(7, 1, 8)
         cos, sin = angles.cos().to(h), angles.sin().to(h)
@@ -106,7 +106,9 @@ def test_op_is_the_nine_ops_on_cpu_and_under_vmap(dtype):
     assert torch.equal(out, torch.stack([reference_rotary(x[0], layer_cos[i], layer_sin[i]) for i in range(3)]))
     with torch._subclasses.FakeTensorMode():
         fake = rotary(torch.empty(2, 5, 4, 16, dtype=dtype), torch.empty(5, 1, 8, dtype=dtype), torch.empty(5, 1, 8))
-    assert fake.shape == (2, 5, 4, 16) and fake.dtype == dtype and fake.is_contiguous()
+    real = rotary(torch.randn(2, 5, 4, 16, dtype=dtype), cos, sin.float())  # a float32 table promotes, as in the ops
+    assert fake.shape == real.shape == (2, 5, 4, 16) and fake.dtype == real.dtype == torch.float32
+    assert fake.is_contiguous() and real.is_contiguous()
 
 
 def test_tables_that_broadcast_x_larger_are_refused():
@@ -114,6 +116,18 @@ def test_tables_that_broadcast_x_larger_are_refused():
     cos, sin = _tables(3, 5, 1, 8)
     with pytest.raises(ValueError, match="broadcast"):
         rotary(x, cos, sin)
+    with pytest.raises(ValueError, match="broadcast"), torch._subclasses.FakeTensorMode():
+        rotary(torch.empty(5, 4, 16), torch.empty(3, 5, 1, 8), torch.empty(3, 5, 1, 8))
+
+
+def test_tables_without_dims_are_refused():
+    """A 0-dim table promotes dtypes as a Python scalar would, differently from a 1-dim one; under vmap
+    a batched 0-dim table would become a dimensioned one."""
+    x = torch.randn(5, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at least one dim"):
+        rotary(x, torch.tensor(0.5), torch.tensor(0.25))
+    with pytest.raises(ValueError, match="at least one dim"):
+        torch.vmap(rotary, in_dims=(None, 0, 0))(x, torch.rand(3), torch.rand(3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton path runs on CUDA")
@@ -125,3 +139,6 @@ def test_on_cuda_the_op_is_bitwise_the_nine_ops(dtype):
     cos, sin = (t.cuda() for t in _tables(2048, 1, 64, dtype=dtype))
     assert torch.equal(rotary(x, cos, sin), reference_rotary(x, cos, sin))
     assert torch.equal(torch.vmap(lambda a: rotary(a, cos, sin))(x), reference_rotary(x, cos, sin))
+    zeros = torch.zeros(4, 8, device="cuda", dtype=dtype)  # signed zeros: no negation that gives 0 - x
+    cos, sin = (torch.tensor(v, device="cuda", dtype=dtype) for v in ([-0.5, 0.5, -1.0, 1.0], [0.5, 0.5, 0.25, -0.25]))
+    assert torch.equal(rotary(zeros, cos, sin).signbit(), reference_rotary(zeros, cos, sin).signbit())

@@ -6,6 +6,7 @@ from torch import nn
 
 from snlp_compile import find_layer_stack
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
+from snlp_compile.passes.detect import written_arg
 
 
 def tiny(cls=GPT, **kw):
@@ -216,3 +217,15 @@ def test_find_layer_stack_keeps_the_process_compiled_models():
         (report,) = find_layer_stack(model, (idx,))
         compiled(idx)
     assert report.found and report.container == "L['self'].blocks" and len(compiles) == 1
+
+
+def test_writes_through_a_list_or_an_out_tuple_are_writes():
+    """`torch._foreach_mul_` writes the tensors of its list, `out=(a, b)` writes a and b."""
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    foreach = graph.call_function(torch._foreach_mul_, ([a, b], 2.0))
+    assert written_arg(foreach) == (("args", 0, 0), a)
+    sort = graph.call_function(torch.sort, (a,), {"dim": -1, "out": (b, a)})
+    assert written_arg(sort) == (("kwargs", "out", 0), b)
+    assert written_arg(graph.call_function(torch._foreach_mul, ([a, b], 2.0))) is None
+    assert written_arg(graph.call_function(torch.sort, (a,), {"dim": -1})) is None

@@ -14,7 +14,14 @@ def _fused(fn, x_shape=(2, 7, 3, 16), table_shape=(7, 1, 8)) -> int:
     the same, that the inputs end as they did and that the new node carries its traced value."""
     torch.manual_seed(0)
     angles = torch.randn(*table_shape)
-    gm, inputs = traced(fn, torch.randn(*x_shape), angles.cos(), angles.sin())
+    return _fused_on(fn, torch.randn(*x_shape), angles.cos(), angles.sin())
+
+
+def _fused_on(fn, *args: torch.Tensor) -> int:
+    """`_fused` for given inputs (their values before dynamo's own run, which may write to them)."""
+    pristine = [t.clone() for t in args]
+    gm, inputs = traced(fn, *args)
+    inputs = [pristine[next(i for i, a in enumerate(args) if a is t)] for t in inputs]
     unfused_inputs, fused_inputs = [t.clone() for t in inputs], [t.clone() for t in inputs]
     expected = gm(*unfused_inputs)
     fused = fuse_rotary(gm.graph)
@@ -117,6 +124,50 @@ def write_in_between(x, cos, sin):
 )
 def test_what_is_not_the_rotary_pattern_stays(fn):
     assert _fused(fn) == 0
+
+
+def foreach_write_in_between(x, cos, sin):
+    x1, x2 = _halves(x)
+    first = x1 * cos + x2 * sin
+    torch._foreach_mul_([x], 2.0)
+    return (torch.cat([first, -x1 * sin + x2 * cos], dim=-1),)
+
+
+def out_tuple_write_in_between(x, cos, sin):
+    x1, x2 = _halves(x)
+    first = x1 * cos + x2 * sin
+    torch.sort(sin * 0 - 1, dim=-1, out=(cos, torch.empty(cos.shape, dtype=torch.long)))  # cos := -1
+    return (torch.cat([first, -x1 * sin + x2 * cos], dim=-1),)
+
+
+def channels_last_read_by_layout(x, cos, sin):  # cat keeps x's channels_last layout, which as_strided reads
+    out = nanochat(x.contiguous(memory_format=torch.channels_last), cos, sin)[0]
+    return (out.as_strided((out.numel(),), (1,)),)
+
+
+@pytest.mark.parametrize("fn", [foreach_write_in_between, out_tuple_write_in_between, channels_last_read_by_layout])
+def test_writes_and_layouts_found_by_review_stay(fn):
+    assert _fused(fn) == 0
+
+
+def test_scalar_or_other_dtype_tables_stay():
+    """0-dim or float32 tables with a bfloat16 x: type promotion depends on the order of a product's
+    operands (on CPU `cos * x1` rounds a 0-dim cos to bfloat16 first), which snlp::rotary does not keep."""
+    x = (torch.randn(2, 7, 3, 16) * 4).bfloat16()
+    assert _fused_on(commuted, x.clone(), torch.tensor(0.123456789), torch.tensor(0.987654321)) == 0
+    angles = torch.randn(7, 1, 8)
+    assert _fused_on(commuted, x.clone(), angles.cos(), angles.sin()) == 0
+    assert _fused_on(commuted, x.clone(), angles.cos().bfloat16(), angles.sin().bfloat16()) == 1
+
+
+def test_scalar_tables_from_item_stay():
+    def from_item(x, angles):
+        c, s = angles.cos().item(), angles.sin().item()
+        x1, x2 = _halves(x)
+        return (torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], dim=-1),)
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        assert _fused_on(from_item, torch.randn(3, 16), torch.tensor(0.7)) == 0
 
 
 def test_tables_that_would_broadcast_x_larger_stay():
