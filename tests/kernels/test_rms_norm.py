@@ -1,13 +1,11 @@
 """snlp::rms_norm: equals torch.rms_norm, and under vmap is one call on the folded tensor that equals
 a per-sample loop, for batched and shared inputs and weights."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import run_under_interpreter
 
 from snlp_compile.kernels.rms_norm import _runs_triton, rms_norm
 
@@ -99,9 +97,7 @@ def test_triton_kernel_under_the_interpreter():
         print("ok")
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_under_interpreter(code)
 
 
 def test_torch_keeps_the_calls_the_kernel_does_not_serve():

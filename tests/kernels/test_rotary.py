@@ -1,12 +1,10 @@
 """snlp::rotary and its Triton kernel: bitwise the nine eager ops of the rotate-half rotary embedding."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from triton_interpreter import run_under_interpreter
 
 from snlp_compile.kernels.rotary import TableRows, reference_rotary, rotary, table_rows
 
@@ -76,9 +74,7 @@ def test_triton_kernel_under_the_interpreter():
         print("ok")
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_under_interpreter(code)
 
 
 def test_table_rows_find_the_run_of_dims_a_table_varies_over():

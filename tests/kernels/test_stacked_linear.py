@@ -1,14 +1,12 @@
 """snlp::linear / snlp::stacked_linear and the Triton batched GEMV against the naive reference."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton_interpreter import run_under_interpreter
 
 from snlp_compile import SNLPConfig
 from snlp_compile.kernels.stacked_linear import gemv_tiles, linear, reference_stacked_linear, stacked_linear
@@ -68,9 +66,7 @@ def test_triton_kernel_under_the_interpreter():
         print("ok")
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    run_under_interpreter(code)
 
 
 def test_every_kernel_argument_is_specialised():
