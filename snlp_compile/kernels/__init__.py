@@ -6,6 +6,13 @@ import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the 16-bit floating dtypes the GPU kernels serve
 
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): a block size that covers n elements (as
+    `triton.next_power_of_2`, for tile rules that run without Triton)."""
+    return 1 << (n - 1).bit_length()
+
+
 _EAGER_OPS = torch.library.Library("snlp", "FRAGMENT")  # kept alive: the registrations last as long as it
 
 

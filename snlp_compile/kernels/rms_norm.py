@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import HALF_DTYPES, eager_op
+from . import HALF_DTYPES, eager_op, next_power_of_two
 
 try:
     import triton
@@ -48,7 +48,7 @@ class NormTiles(NamedTuple):
 
 def norm_tiles(dim: int) -> NormTiles:
     """About 4096 elements per program: 32 rows of a 128-wide QK norm, 4 of a 640-wide hidden state."""
-    block_n = 1 << (dim - 1).bit_length()  # the next power of two
+    block_n = next_power_of_two(dim)
     block_r = max(1, 4096 // block_n)
     return NormTiles(block_r, block_n, 4 if block_r * block_n <= 4096 else 8)
 
@@ -81,16 +81,13 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None =
     dim is at most TRITON_MAX_DIM, and a weight of that size and x's dtype, or none."""
     if triton is None:
         raise RuntimeError("triton_rms_norm needs Triton (pip install triton)")
-    dim = x.shape[-1] if x.dim() else 0
-    if not (x.is_contiguous() and 1 <= dim <= TRITON_MAX_DIM) or (
-        weight is not None and (weight.shape != (dim,) or weight.dtype != x.dtype or not weight.is_contiguous())
-    ):
+    if not _kernel_serves(x, weight):
         raise ValueError(
             f"triton_rms_norm: a contiguous input with a last dim of 1 to {TRITON_MAX_DIM} and a weight of that "
             f"size and the input's dtype (or none), got {tuple(x.shape)} {x.dtype} (contiguous: {x.is_contiguous()})"
             f" and {None if weight is None else (tuple(weight.shape), weight.dtype)}"
         )
-    out = torch.empty_like(x)
+    out, dim = torch.empty_like(x), x.shape[-1]
     rows = x.numel() // dim
     tiles = norm_tiles(dim)
     eps = default_eps(x.dtype) if eps is None else eps
@@ -101,13 +98,20 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None =
     return out
 
 
+def _kernel_serves(x: Tensor, weight: Tensor | None) -> bool:
+    """The kernel computes these operands (normalised over x's last dim): a contiguous x whose last dim
+    is 1 to TRITON_MAX_DIM, and a contiguous weight of that size and x's dtype, or none."""
+    dim = x.shape[-1] if x.dim() else 0
+    weight_ok = weight is None or (weight.shape == (dim,) and weight.dtype == x.dtype and weight.is_contiguous())
+    return x.is_contiguous() and 1 <= dim <= TRITON_MAX_DIM and weight_ok
+
+
 def _runs_triton(x: Tensor, normalized_shape: list[int], weight: Tensor | None) -> bool:
-    """The kernel serves this call (see the module invariants)."""
+    """The op takes the kernel for this call (see the module invariants)."""
     last_dim = len(normalized_shape) == 1 and x.dim() >= 1 and normalized_shape[0] == x.shape[-1]
-    fits = last_dim and x.shape[-1] <= TRITON_MAX_DIM and x.numel() >= TRITON_MIN_NUMEL and x.is_contiguous()
-    weight_ok = weight is None or (weight.dtype == x.dtype and weight.dim() == 1 and weight.is_contiguous())
     floating = x.dtype in HALF_DTYPES or x.dtype == torch.float32
-    return x.is_cuda and triton is not None and floating and fits and weight_ok
+    large = x.numel() >= TRITON_MIN_NUMEL
+    return x.is_cuda and triton is not None and floating and large and last_dim and _kernel_serves(x, weight)
 
 
 def _kernel(

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import eager_op
+from . import eager_op, next_power_of_two
 
 try:
     import triton
@@ -79,7 +79,7 @@ class RotaryTiles(NamedTuple):
 
 def rotary_tiles(half: int) -> RotaryTiles:
     """About 2048 elements of each half per program."""
-    block_d = 1 << (half - 1).bit_length()
+    block_d = next_power_of_two(half)
     return RotaryTiles(max(1, 2048 // block_d), block_d, 4)
 
 
