@@ -12,38 +12,28 @@ table; writes decode_attention.json and decode_attention.png.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
-    SWEEP_HEADERS,
-    environment,
-    format_table,
-    graph_time_us,
-    headline_n_par,
-    l2_defeating_copies,
-    launch_sweep,
-    setup_logging,
-    sweep_cells,
-    write_json,
-)
+from benchmarks.grids import headline_n_par
+from benchmarks.harness import kernel_parser, measure_kernels, parse_gpu_args
 from benchmarks.plot import plot_paired_bars
+from benchmarks.report import kernel_table
+from benchmarks.timing import graph_time_us, l2_defeating_copies, launch_sweep
 from snlp_compile.kernels.attention import reference_attention
 from snlp_compile.kernels.decode_attention import DecodeTiles, decode_tiles, triton_decode_attention
 from snlp_compile.models import GPTConfig
-
-logger = logging.getLogger("snlp_compile")
 
 _SWEEP = [DecodeTiles(s, w, st) for s, w, st in itertools.product((64, 128, 256, 640), (2, 4, 8), (1, 2, 3))]
 
 
 def measure(row: dict[str, Any], sweep: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """SDPA against the split-KV kernel (its own tiles, and with `sweep` the best of _SWEEP) on one problem."""
     rows, heads, keys, dim = row["rows"], row["heads"], row["keys"], row["head_dim"]
     nbytes = 2 * rows * keys * dim * torch.finfo(dtype).bits // 8
     copies = l2_defeating_copies(nbytes)
@@ -76,43 +66,41 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plot_paired_bars(labels, series, path, "us per call (CUDA graph)", title)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", nargs="+", default=["d20", "paper-0.5b"])
-    parser.add_argument("--context", type=int, default=512, help="tokens already in the cache")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
-    parser.add_argument("--out", type=Path, default=Path("out"))
-    args = parser.parse_args()
-    setup_logging()
-    if not torch.cuda.is_available():
-        parser.error("bench_decode_attention.py times CUDA kernels and needs a GPU")
-    if args.context < 1 or args.batch < 1:
-        parser.error("--context and --batch must be >= 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = dict(question="decode_attention", env=environment(torch.device("cuda")), settings=vars(args), rows=[])
-    doc["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in doc["settings"].items()}
-    for preset in args.preset:
+def problems(presets: list[str], context: int, batch: int) -> Iterator[dict[str, Any]]:
+    """Per preset: one decode token's attention for one layer and for the headline n_par stack at once."""
+    for preset in presets:
         config = GPTConfig.preset(preset)
         n_par = headline_n_par(preset)
         for where, layers in (("one layer", 1), (f"{n_par} layers", n_par)):
             row = dict(preset=preset, where=where, heads=config.n_head, head_dim=config.head_dim)
-            row.update(rows=layers * args.batch * config.n_head, keys=args.context + 45, context=args.context)
-            doc["rows"].append(measure(row, args.sweep, torch.bfloat16))
-            logger.info("decode attention %s", doc["rows"][-1])
-            write_json(args.out / "decode_attention.json", doc)
-            torch.cuda.empty_cache()
+            row.update(rows=layers * batch * config.n_head, keys=context + 45, context=context)
+            yield row
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of one measured row."""
+    cell = [row["preset"], row["where"], str(row["rows"]), str(row["keys"]), f"{row['mbytes']:.1f}"]
+    cell += [f"{row['sdpa_us']:.2f}", f"{row['triton_us']:.2f}", str(tuple(row["tiles"])), f"{row['rel_err']:.1e}"]
+    return cell
+
+
+def main() -> None:
+    parser = kernel_parser(__doc__, "also time a grid of launch configurations")
+    parser.add_argument("--context", type=int, default=512, help="tokens already in the cache")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parse_gpu_args(parser)
+    if args.context < 1 or args.batch < 1:
+        parser.error("--context and --batch must be >= 1")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    doc = measure_kernels(
+        "decode_attention",
+        args.out,
+        settings,
+        problems(args.preset, args.context, args.batch),
+        lambda row: measure(row, args.sweep, torch.bfloat16),
+    )
     headers = ["preset", "where", "rows", "keys", "MB", "SDPA us", "Triton us", "tiles", "rel err"]
-    if args.sweep:
-        headers += SWEEP_HEADERS
-    cells = []
-    for r in doc["rows"]:
-        cell = [r["preset"], r["where"], str(r["rows"]), str(r["keys"]), f"{r['mbytes']:.1f}"]
-        cell += [f"{r['sdpa_us']:.2f}", f"{r['triton_us']:.2f}", str(tuple(r["tiles"])), f"{r['rel_err']:.1e}"]
-        if args.sweep:
-            cell += sweep_cells(r)
-        cells.append(cell)
-    print(format_table(headers, cells))
+    print(kernel_table(doc["rows"], headers, cells, args.sweep))
     plot(doc["rows"], args.out / "decode_attention.png")
 
 

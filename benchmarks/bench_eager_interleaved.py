@@ -24,22 +24,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    DTYPES,
-    GRIDS,
-    build_model,
-    compare,
-    compile_variant,
-    deciles,
-    describe_env,
-    environment,
-    format_table,
-    setup_logging,
-    snlp_variant,
-    time_calls,
-    write_json,
-)
+from benchmarks.grids import GRIDS
+from benchmarks.harness import environment, run_device, run_dtype, setup_logging
 from benchmarks.plot import plot_interleaved
+from benchmarks.report import describe_env, format_table, write_json
+from benchmarks.timing import deciles, time_calls
+from benchmarks.variants import DTYPES, build_model, compare, compile_variant, snlp_variant
 
 QUESTION = "eager_interleaved"
 
@@ -84,8 +74,8 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, float]:
 @torch.no_grad()
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
+    device = run_device(args.smoke)
+    dtype = run_dtype(args.dtype, args.smoke)
     seq_len = args.seq_len or (64 if args.smoke else 2048)
     n_rounds, calls = args.rounds or (2 if args.smoke else 20), args.calls or (2 if args.smoke else 10)
     if args.smoke:

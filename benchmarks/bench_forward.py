@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.common import Bench, add_common_args, compare, setup_logging
+from benchmarks.harness import Bench, add_common_args, setup_logging
+from benchmarks.variants import compare
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -12,32 +12,20 @@ reports the best, the data behind `gemv_tiles`. Prints a table; writes gemv.json
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
-    SWEEP_HEADERS,
-    environment,
-    format_table,
-    graph_time_us,
-    headline_n_par,
-    l2_defeating_copies,
-    launch_sweep,
-    setup_logging,
-    sweep_cells,
-    write_json,
-)
+from benchmarks.grids import headline_n_par
+from benchmarks.harness import kernel_parser, measure_kernels, parse_gpu_args
 from benchmarks.plot import plot_paired_bars
+from benchmarks.report import kernel_table
+from benchmarks.timing import graph_time_us, l2_defeating_copies, launch_sweep
 from snlp_compile.kernels.stacked_linear import GemvTiles, gemv_tiles, triton_stacked_linear
 from snlp_compile.models import GPTConfig
-
-logger = logging.getLogger("snlp_compile")
 
 _SWEEP = [
     GemvTiles(n, k, w, s) for n, k, w, s in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 6))
@@ -101,46 +89,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plot_paired_bars(labels, series, path, xlabel, "Decode GEMV, 1 token per layer, in a CUDA graph")
 
 
+def cells(row: dict[str, Any]) -> list[str]:
+    """The table cells of one measured row."""
+    shape = f"{'+'.join(map(str, row['n']))} x {row['k']}"
+    cell = [row["preset"], row["linear"], str(row["layers"]), shape, f"{row['mbytes']:.1f}"]
+    cell += [f"{row['cublas_us']:.2f}", f"{row['triton_us']:.2f}", f"{row['triton_tbps']:.2f}"]
+    return cell + [str(tuple(row["tiles"]))]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", nargs="+", default=["d20", "paper-0.5b"])
+    parser = kernel_parser(__doc__, "also time a grid of tile configurations")
     parser.add_argument(
         "--n-par", nargs="+", type=int, default=None, help="stack size per preset (default: its headline n_par)"
     )
-    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
-    parser.add_argument("--out", type=Path, default=Path("out"))
-    args = parser.parse_args()
-    setup_logging()
-    if not torch.cuda.is_available():
-        parser.error("bench_gemv.py times CUDA kernels and needs a GPU")
+    args = parse_gpu_args(parser)
     n_par = args.n_par or [headline_n_par(p) for p in args.preset]
     if len(n_par) != len(args.preset):
         parser.error(f"--n-par needs one value per preset ({len(args.preset)}), got {len(n_par)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = dict(question="gemv", env=environment(torch.device("cuda")), settings=dict(dtype="bfloat16"), rows=[])
-    for preset, layers in zip(args.preset, n_par, strict=True):
-        for row in shapes(preset, layers):
-            doc["rows"].append(measure(row, args.sweep, torch.bfloat16))
-            torch.cuda.empty_cache()
-            logger.info("gemv %s", doc["rows"][-1])
-            write_json(args.out / "gemv.json", doc)
+    doc = measure_kernels(
+        "gemv",
+        args.out,
+        dict(dtype="bfloat16"),
+        (row for preset, layers in zip(args.preset, n_par, strict=True) for row in shapes(preset, layers)),
+        lambda row: measure(row, args.sweep, torch.bfloat16),
+    )
     headers = ["preset", "linear", "layers", "N x K", "MB", "cuBLAS us", "Triton us", "Triton TB/s", "tiles"]
-    if args.sweep:
-        headers += SWEEP_HEADERS
-    cells = []
-    for r in doc["rows"]:
-        cell = [
-            r["preset"],
-            r["linear"],
-            str(r["layers"]),
-            f"{'+'.join(map(str, r['n']))} x {r['k']}",
-            f"{r['mbytes']:.1f}",
-        ]
-        cell += [f"{r['cublas_us']:.2f}", f"{r['triton_us']:.2f}", f"{r['triton_tbps']:.2f}", str(tuple(r["tiles"]))]
-        if args.sweep:
-            cell += sweep_cells(r)
-        cells.append(cell)
-    print(format_table(headers, cells))
+    print(kernel_table(doc["rows"], headers, cells, args.sweep))
     plot(doc["rows"], args.out / "gemv.png")
 
 

@@ -19,13 +19,15 @@ Writes OUT/speculative.json.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import DTYPES, build_model, environment, format_table, setup_logging, write_json
+from benchmarks.harness import environment, run_device, run_dtype, setup_logging
+from benchmarks.report import format_table, write_json
+from benchmarks.timing import timed_once
+from benchmarks.variants import DTYPES, build_model
 from snlp_compile import SNLPConfig, generate
 from snlp_compile.models import StaticKVCache
 
@@ -45,18 +47,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, eager inner compiler")
     parser.add_argument("--out", type=Path, default=Path("out"))
     return parser.parse_args(argv)
-
-
-def _timed(run, device: torch.device):
-    """(result, seconds) of one generation after an untimed warm-up (compilation)."""
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -102,8 +92,8 @@ def make_prompt(path: Path | None, vocab_size: int, context: int, device: torch.
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
+    device = run_device(args.smoke)
+    dtype = run_dtype(args.dtype, args.smoke)
     presets = args.preset or (["tiny"] if args.smoke else ["d20", "paper-0.5b"])
     context, new = args.context or (8 if args.smoke else 512), args.new_tokens or (8 if args.smoke else 128)
     inner = "eager" if args.smoke else "inductor"
@@ -124,13 +114,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 model, prompt, new, config, mode=mode, draft_len=draft_len, compile_sequential=compiled, kv_cache=cache
             )
 
-        reference, seconds = _timed(lambda run=run: run("sequential"), device)
+        reference, seconds = timed_once(lambda run=run: run("sequential"), device)
         rows = [dict(preset=preset, mode="sequential", draft_len=None, seconds=seconds, exact="same", acceptance=None)]
-        out, seconds = _timed(lambda run=run: run("snlp"), device)
+        out, seconds = timed_once(lambda run=run: run("snlp"), device)
         exact = divergence(model, reference.tokens, out.tokens, context)
         rows.append(dict(preset=preset, mode="snlp", draft_len=None, seconds=seconds, exact=exact, acceptance=None))
         for draft_len in args.draft_len:
-            out, seconds = _timed(lambda run=run, k=draft_len: run("speculative", k), device)
+            out, seconds = timed_once(lambda run=run, k=draft_len: run("speculative", k), device)
             rows.append(
                 dict(
                     preset=preset,

@@ -12,12 +12,16 @@ environment, both result tables and the frontier, in markdown) and prints the fr
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import describe_env, format_table, load_json, logger, result_table, setup_logging
+from benchmarks.harness import setup_logging
 from benchmarks.plot import plot_frontier
+from benchmarks.report import describe_env, format_table, load_json, result_table
+
+logger = logging.getLogger("snlp_compile")
 
 
 def frontier_points(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

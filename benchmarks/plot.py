@@ -1,7 +1,8 @@
 """PNG plots of benchmark rows (matplotlib, Agg backend): latency bars, the speed-quality frontier,
 paired bars of kernel benchmarks and the rounds of the interleaved eager benchmark.
 
-Rows are the dicts of benchmarks/common.py; only rows with a measured time ("ms") are drawn.
+Rows are the result rows of benchmarks/harness.py; only rows with a measured time ("ms") are drawn. This
+module draws only: it imports no other benchmark module but the plain row helpers of benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import ordered  # noqa: E402
+from benchmarks.report import ordered  # noqa: E402
 
 _ERR_FLOOR = 1e-7  # relative errors below this (eager against itself) are drawn at it on the log axis
 

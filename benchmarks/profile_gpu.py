@@ -26,19 +26,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_decode import DecodeProblem
 from benchmarks.bench_forward import ForwardProblem
-from benchmarks.common import (
-    Bench,
+from benchmarks.harness import Bench, add_common_args, setup_logging
+from benchmarks.report import format_table, write_json
+from benchmarks.timing import run_steps, synchronize
+from benchmarks.variants import (
     Variant,
-    add_common_args,
     baseline_variants,
     build_model,
+    compile_limits,
     compile_variant,
-    format_table,
-    setup_logging,
     snlp_variant,
-    synchronize,
     with_option,
-    write_json,
 )
 
 # Kernel name substrings per category, checked in this order (the first match wins).
@@ -120,12 +118,9 @@ def kernel_summary(prof: profile, steps: int, device: torch.device, top: int) ->
 
 def host_and_wall_us(step: Any, device: torch.device, calls: int) -> tuple[float, float]:
     """(host us to issue one call, wall us per call) over `calls` back-to-back calls."""
-    mark = torch.compiler.cudagraph_mark_step_begin
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(calls):
-        mark()
-        step()
+    run_steps(step, calls)
     issued = time.perf_counter()
     synchronize(device)
     end = time.perf_counter()
@@ -133,20 +128,17 @@ def host_and_wall_us(step: Any, device: torch.device, calls: int) -> tuple[float
 
 
 def profile_variant(model: torch.nn.Module, variant: Variant, problem: Any, bench: Bench, steps: int) -> dict:
-    fn = compile_variant(model, variant, bench.args.skip_module_guards)
-    rel, top1 = problem.check(fn)
-    step = problem.step(fn)
-    mark = torch.compiler.cudagraph_mark_step_begin
-    for _ in range(5):
-        mark()
-        step()
-    host_us, wall_us = host_and_wall_us(step, bench.device, steps)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            mark()
-            step()
-        synchronize(bench.device)
+    """Compile and check the variant as the benchmarks do, warm it up, time it, then profile `steps` calls."""
+    with compile_limits():
+        fn = compile_variant(model, variant, bench.args.skip_module_guards)
+        rel, top1 = problem.check(fn)
+        step = problem.step(fn)
+        run_steps(step, 5)
+        host_us, wall_us = host_and_wall_us(step, bench.device, steps)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            run_steps(step, steps)
+            synchronize(bench.device)
     if bench.args.trace:
         name = variant.name.replace(" ", "_").replace("+", "")
         prof.export_chrome_trace(str(bench.args.out / f"trace_{bench.question}_{name}.json"))

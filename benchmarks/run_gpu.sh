@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of the SNLP issue (decode and forward, d20 and paper-0.5b, bf16, batch 1) in
+# Every GPU benchmark (decode and forward, d20 and paper-0.5b, bf16, batch 1) in
 # about 8 minutes on one H100/H200:   bash benchmarks/run_gpu.sh OUT_DIR
 # Writes OUT_DIR/{decode,forward,eager_interleaved}.{json,png}, speculative.json, frontier.png,
 # results.md and log.txt. Each script starts no new variant once its per-preset budget is spent and
@@ -10,11 +10,8 @@
 # baseline, the best one for decode, at 75-115 s more compile per preset; raise the budgets), PYTHON.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+# shellcheck source=benchmarks/setup_run.sh
+source "$(dirname "$0")/setup_run.sh"
 GRID=${GRID:-headline}
 BATCH=${BATCH:-1}
 DECODE_BUDGET=${DECODE_BUDGET:-120}

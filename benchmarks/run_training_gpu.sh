@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The training reproduction of the "Training" issue on one GPU or several: baseline and SNLP-regularised
-# char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16), trained side by side, then the
-# validation-perplexity grid of examples/eval_snlp.py over every best-validation checkpoint.
+# The training reproduction of benchmarks/RESULTS.md ("Training quality") on one GPU or several:
+# baseline and SNLP-regularised char-level GPT and MHCGPT (8 x 384, context 256, batch 64, bf16),
+# trained side by side, then the validation-perplexity grid of examples/eval_snlp.py over every
+# best-validation checkpoint.
 #     bash benchmarks/run_training_gpu.sh DATA OUT_DIR
 # Knobs (environment): STEPS (default 800), WEIGHTS (regulariser lambdas, default "0.5 2";
 # GPT_WEIGHTS and MHC_WEIGHTS override it per model, empty: no regularised run of that model), NPAR
@@ -20,11 +21,8 @@
 set -uo pipefail
 DATA=${1:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
 OUT=${2:?usage: bash benchmarks/run_training_gpu.sh DATA OUT_DIR}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+# shellcheck source=benchmarks/setup_run.sh
+source "$(dirname "$0")/setup_run.sh"
 STEPS=${STEPS:-800}
 WEIGHTS=${WEIGHTS:-0.5 2}
 GPT_WEIGHTS=${GPT_WEIGHTS-$WEIGHTS}

@@ -2,6 +2,7 @@
 expected rows, SNLP with iters >= layers matches the sequential model, and the plots are written."""
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -103,13 +104,13 @@ def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
     without CUDA graphs, with --max-autotune the autotuned baseline and autotuned timed SNLP variants, and with
     --max-autotune baseline the autotuned baseline alone."""
     monkeypatch.syspath_prepend(str(ROOT))
-    common = importlib.import_module("benchmarks.common")
+    harness = importlib.import_module("benchmarks.harness")
     parser = argparse.ArgumentParser()
-    common.add_common_args(parser)
+    harness.add_common_args(parser)
     names = {}
     for flag in ([], ["--max-autotune"], ["--max-autotune", "baseline"]):
         args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), *flag])
-        bench = common.Bench("decode", args, default_cg=True)
+        bench = harness.Bench("decode", args, default_cg=True)
         bench.device = torch.device("cuda")
         variants = bench.variants("d20", 20)
         names[" ".join(flag)] = [v.name for v in variants]
@@ -128,7 +129,7 @@ def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
         "inductor+cg+at", "inductor",
     ]  # fmt: skip
     args = parser.parse_args(["--grid", "minimal", "--out", str(tmp_path), "--gemv"])
-    bench = common.Bench("decode", args, default_cg=True)
+    bench = harness.Bench("decode", args, default_cg=True)
     gemv = [v for v in bench.variants("d20", 20) if v.options.get("gemv")]
     assert [v.name for v in gemv] == ["snlp p20 F1 K1 gemv"]  # CPU: no CUDA-graph variant
 
@@ -173,20 +174,26 @@ def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu(monkeypatch):
 
 def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_stack(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    common = importlib.import_module("benchmarks.common")
+    timing = importlib.import_module("benchmarks.timing")
+    report = importlib.import_module("benchmarks.report")
 
     def time_us(config: int) -> float:
         if config == 2:
             raise RuntimeError("out of resource: shared memory")
         return {1: 5.0, 3: 4.0}[config]
 
-    assert common.best_launch_config(time_us, [1, 2, 3]) == (4.0, 3)
-    row = common.launch_sweep(lambda tiles: float(sum(tiles)), [(64, 4), (32, 2)])
+    assert timing.best_launch_config(time_us, [1, 2, 3]) == (4.0, 3)
+    row = timing.launch_sweep(lambda tiles: float(sum(tiles)), [(64, 4), (32, 2)])
     assert row == {"best_us": 34.0, "best_tiles": [32, 2]}
-    assert common.sweep_cells(row) == ["34.00", "(32, 2)"] and len(common.SWEEP_HEADERS) == 2
+    assert report.sweep_cells(row) == ["34.00", "(32, 2)"] and len(report.SWEEP_HEADERS) == 2
+    table = report.kernel_table([{**row, "name": "q"}], ["name"], lambda r: [r["name"]], sweep=True).splitlines()
+    assert table[0].split() == ["name", "best", "us", "best", "tiles"]
+    assert table[2].split() == ["q", "34.00", "(32,", "2)"]
+    assert report.kernel_table([row], ["us"], lambda r: ["1"], sweep=False).split() == ["us", "--", "1"]
     with pytest.raises(RuntimeError, match="none of the 1 launch configs ran"):
-        common.best_launch_config(time_us, [2])
-    assert [common.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
+        timing.best_launch_config(time_us, [2])
+    grids = importlib.import_module("benchmarks.grids")
+    assert [grids.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
 
 
 def test_eager_interleaved_smoke(tmp_path, monkeypatch):
@@ -212,3 +219,30 @@ def test_eager_interleaved_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "eager_interleaved.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--rounds", "0", "--out", str(tmp_path)])
+
+
+def test_dynamo_limits_are_raised_only_while_a_variant_runs(tmp_path, monkeypatch):
+    """Building a Bench leaves dynamo's recompile limits alone; compile_limits raises them for one run and
+    restores them after, also when the run fails."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    harness = importlib.import_module("benchmarks.harness")
+    variants = importlib.import_module("benchmarks.variants")
+    config = torch._dynamo.config
+    before = (config.recompile_limit, config.accumulated_recompile_limit)
+    parser = argparse.ArgumentParser()
+    harness.add_common_args(parser)
+    harness.Bench("decode", parser.parse_args(["--out", str(tmp_path)]), default_cg=True)
+    assert (config.recompile_limit, config.accumulated_recompile_limit) == before
+    with pytest.raises(RuntimeError, match="inside"), variants.compile_limits():
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == (64, 512)
+        raise RuntimeError("inside")
+    assert (config.recompile_limit, config.accumulated_recompile_limit) == before
+
+
+def test_plot_and_report_import_no_harness():
+    """report imports no benchmark module and plot only report, so the harness imports both without a cycle."""
+    for name, allowed in (("report", set()), ("plot", {"benchmarks.report"})):
+        tree = ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert {m for m in imported if m.startswith("benchmarks")} == allowed, name
