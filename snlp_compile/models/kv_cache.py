@@ -1,53 +1,21 @@
-"""Static (preallocated, fixed-shape) KV cache for incremental decoding, and its in-place write op."""
+"""Static (preallocated, fixed-shape) KV cache for incremental decoding.
+
+It implements the decoding cache protocol (`snlp_compile.decoding.KVCache`) by its shape alone,
+without importing it. Its writes go through `torch.ops.snlp.cache_write_` (`index_copy_`
+semantics), registered by `snlp_compile.kernels.cache_write`, which `snlp_compile/__init__.py`
+imports (so it is registered before this module is): the op stays an in-place write of the new
+positions when compiled, where a plain `index_copy_` through a layer's view makes inductor copy
+the layer's and the whole cache on every step.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from snlp_compile.models.config import GPTConfig
 
-
-@torch.library.custom_op("snlp::cache_write_", mutates_args=("cache",))
-def cache_write_(cache: Tensor, dim: int, index: Tensor, source: Tensor) -> None:
-    """`cache.index_copy_(dim, index, source)` as one opaque op that mutates `cache`.
-
-    Compiled, a layer's write through its view of the whole cache stays an in-place write of the
-    new positions (auto-functionalisation keeps the view). Written as `index_copy_` on the view,
-    functionalisation copies the layer's whole cache and then the whole cache back into the input,
-    and inductor does not undo that: about 15% of a compiled sequential decode step on an H100.
-    Under vmap over layers (the snlp rewrite) it stays one in-place write of every layer's new
-    positions (`_cache_write_batched`)."""
-    cache.index_copy_(dim, index, source)
-
-
-@cache_write_.register_fake
-def _cache_write_fake(cache: Tensor, dim: int, index: Tensor, source: Tensor) -> None:
-    return None
-
-
-def _cache_write_batched(info: Any, in_dims: tuple, cache: Tensor, dim: int, index: Tensor, source: Tensor) -> tuple:
-    """vmap rule: a batched cache (one slice per layer) is written by one cache_write_ on the stacked
-    cache; an index that differs per slice is written slice by slice."""
-    cache_dim, _, index_dim, source_dim = in_dims
-    if cache_dim is None:
-        raise ValueError("snlp::cache_write_ under vmap writes one cache from every batch entry; batch the cache")
-    cache = cache.movedim(cache_dim, 0)
-    source = source.expand(info.batch_size, *source.shape) if source_dim is None else source.movedim(source_dim, 0)
-    if not -cache.dim() < dim < cache.dim() - 1:  # cache.dim() counts the batch dim
-        raise IndexError(f"snlp::cache_write_: dim must be in [{1 - cache.dim()}, {cache.dim() - 2}], got {dim}")
-    if index_dim is None:
-        cache_write_(cache, dim % (cache.dim() - 1) + 1, index, source)
-    else:
-        index = index.movedim(index_dim, 0)
-        for b in range(info.batch_size):
-            cache_write_(cache[b], dim, index[b], source[b])
-    return None, None
-
-
-torch.library.register_vmap("snlp::cache_write_", _cache_write_batched)
+_GEOMETRY_DIMS = {"n_layer": 0, "n_kv_head": 2, "head_dim": 4}  # GPTConfig field -> dim of k and v
 
 
 class StaticKVCache:
@@ -83,9 +51,23 @@ class StaticKVCache:
         for tensor in (self.k, self.v, self.pos):
             torch._dynamo.mark_static_address(tensor)
 
+    @staticmethod
+    def geometry_of(config: GPTConfig) -> dict[str, int]:
+        """The `geometry` of a cache built for a model of `config`."""
+        return {name: getattr(config, name) for name in _GEOMETRY_DIMS}
+
+    @property
+    def geometry(self) -> dict[str, int]:
+        """What ties the cache to one model: {"n_layer", "n_kv_head", "head_dim"}."""
+        return {name: self.k.size(dim) for name, dim in _GEOMETRY_DIMS.items()}
+
     @property
     def max_seq_len(self) -> int:
         return self.k.size(3)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
     @property
     def remaining(self) -> int:
@@ -120,6 +102,6 @@ class StaticKVCache:
     def update(self, layer_idx: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v [B, H_kv, T, D] at ``positions`` [T] of layer ``layer_idx``; return its whole cache."""
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
-        cache_write_(k_cache, 2, positions, k.to(k_cache.dtype))
-        cache_write_(v_cache, 2, positions, v.to(v_cache.dtype))
+        torch.ops.snlp.cache_write_(k_cache, 2, positions, k.to(k_cache.dtype))
+        torch.ops.snlp.cache_write_(v_cache, 2, positions, v.to(v_cache.dtype))
         return k_cache, v_cache

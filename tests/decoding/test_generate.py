@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from snlp_compile import Generation, SNLPConfig, generate, stream
-from snlp_compile.generate import Sampler, compiled_forward, verify_drafts
+from snlp_compile.decoding import Sampler, compiled_forward, verify_drafts
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
 
 BATCH, CACHE_LEN, NEW = 2, 24, 10
