@@ -6,7 +6,8 @@ from .backends.dynamo import SNLPFallbackError, snlp_backend
 from .backends.fx_transform import snlp_transform
 from .backends.onnx_export import export_onnx
 from .config import SNLPConfig
-from .generate import Generation, generate, stream
+from .decoding import Generation, generate, stream
+from .kernels import cache_write as _cache_write  # noqa: F401  (registers snlp::cache_write_, models' cache write)
 from .prepare import prepare
 from .report import StackReport, find_layer_stack
 from .training import SNLPRegularizer

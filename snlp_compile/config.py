@@ -21,6 +21,22 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def int_range(low: int, high: int | None = None) -> str:
+    """How an error message names the integers in [low, high] (no upper bound when high is None)."""
+    return f">= {low}" if high is None else f"in [{low}, {high}]"
+
+
+def is_int_in(value: object, low: int, high: int | None = None) -> bool:
+    """value is an int in [low, high] (no upper bound when high is None); a bool is not a count."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise ValueError naming `name` and the valid range unless `is_int_in(value, low, high)`."""
+    if not is_int_in(value, low, high):
+        raise ValueError(f"{name} must be an integer {int_range(low, high)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SNLPConfig:
     """Options of a structured-Newton solve (paper notation in brackets).
@@ -28,7 +44,8 @@ class SNLPConfig:
     n_seq:      leading layers run sequentially [L - n_par], >= 0.
     fuse:       consecutive layers merged into one super-layer [F M], >= 1; exact only for 1.
     blocks:     consecutive Newton blocks the parallel layers are split into, >= 1.
-    iters:      Newton iterations per block [K], >= 1; iters >= block size is exact.
+    iters:      Newton iterations per block [K], >= 1; iters >= block size is exact, and a solve
+                runs no more iterations than that (more would change nothing: `solver.useful_iters`).
     init:       "h0" (every input = block input) or "batch_fwd" (one batched evaluation).
     damping:    the correction is scaled by (1 - damping), 0 <= damping < 1.
     surrogate:  "auto" (read off the graph), "identity" (IDN) or "hc" (HCN, stream mixing).
@@ -62,9 +79,7 @@ class SNLPConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("n_seq", 0), ("fuse", 1), ("blocks", 1), ("iters", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"SNLPConfig.{name} must be an integer >= {low}, got {value!r}")
+            check_int(f"SNLPConfig.{name}", getattr(self, name), low)
         if (
             isinstance(self.damping, bool)
             or not isinstance(self.damping, (int, float))

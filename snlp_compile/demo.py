@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -33,13 +35,19 @@ def settings(n_layer: int) -> list[dict]:
     return [row for k, row in enumerate(rows) if row not in rows[k + 1 :]]  # n_layer 2: iters=2 once, last
 
 
-def _time(fn, *args, repeat: int = 10) -> float:
-    for _ in range(2):
-        fn(*args)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn(*args)
-    return (time.perf_counter() - start) / repeat * 1e3
+def _times(fns: dict[str, Callable], *args, repeat: int = 10) -> dict[str, float]:
+    """Median milliseconds per call of each function, after two warm-up calls, timed round-robin
+    (each round calls every function once). On a shared CPU the other processes' load changes from
+    second to second, and an op's OpenMP threads wait for a peer that lost its core (20x slower and
+    more): timed one after another, two rows would see different loads; round-robin they see the same."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(2 + repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(*args)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 @torch.no_grad()
@@ -68,20 +76,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for report in find_layer_stack(model, (idx,)):
         print(report)
     reference = model(idx)
-    rows = [dict(setting="sequential (eager)", rel_err=0.0, top1=1.0, ms=_time(model, idx))]
+    rows = [dict(setting="sequential (eager)", rel_err=0.0, top1=1.0)]
+    fns: dict[str, Callable] = {rows[0]["setting"]: model}
     for setting in tqdm(settings(config.n_layer), desc="compiling SNLP settings", leave=False):
         options = dict(SNLPConfig(inner=args.inner, fallback="error", **setting).__dict__)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="snlp", options=options)
-        out = compiled(idx)
-        rows.append(
-            dict(
-                setting=", ".join(f"{k}={v}" for k, v in setting.items()),
-                rel_err=((out - reference).norm() / reference.norm()).item(),
-                top1=(out.argmax(-1) == reference.argmax(-1)).float().mean().item(),
-                ms=_time(compiled, idx),
-            )
-        )
+        name = ", ".join(f"{k}={v}" for k, v in setting.items())
+        fns[name] = torch.compile(model, backend="snlp", options=options)  # dynamo keeps one graph per backend
+        out = fns[name](idx)
+        rel_err = ((out - reference).norm() / reference.norm()).item()
+        top1 = (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        rows.append(dict(setting=name, rel_err=rel_err, top1=top1))
+    for row, ms in zip(rows, _times(fns, idx).values(), strict=True):
+        row["ms"] = ms
     print(f"\n{'setting':<24}{'logits err':>12}{'top-1 agree':>13}{'ms/call':>10}")
     for row in rows:
         print(f"{row['setting']:<24}{row['rel_err']:>12.2e}{row['top1']:>13.1%}{row['ms']:>10.1f}")

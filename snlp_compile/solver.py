@@ -5,7 +5,15 @@ A *layer stack* is anything with `len(stack)`, `stack.layer(i, h) -> h'` (one la
 `surrogate` (one Jacobian surrogate per layer). Invariants:
 
 - `solve` with fuse = 1 and iters >= the largest block size (>= size - 1 with init="batch_fwd")
-  reproduces `sequential` up to float rounding, for every surrogate and damping.
+  reproduces `sequential` up to float rounding, for every surrogate and damping, and puts every
+  inf and NaN the layers compute where `sequential` does. Two rules keep non-finite values exact:
+  a group's new input is its predecessor's output plus a correction, F_g(u_g) + c A_g e_g (never
+  old input + change, which is inf - inf where an old input is infinite), and a NaN residual
+  (F_g(u_g) - u_{g+1} with both the same infinity) counts as 0, so the corrections of a
+  converged prefix are exactly 0. For finite values the NaN rule changes nothing, and compiled it
+  is one select fused into the residual's subtraction.
+- A block runs at most `exact_iters` iterations (its super-layer count, one fewer with
+  init="batch_fwd"): there the trace is at its fixed point, and more iterations change nothing.
 - One iteration with init="h0" and the identity surrogate is the prefix-sum formula
   `out = x + sum_i (f_i(x) - x)` over each block.
 - Nothing here mutates its inputs.
@@ -184,32 +192,35 @@ def _super_layers(stack: LayerStack, start: int, sizes: list[int], u: Tensor) ->
     return whole.apply(u).index_add(0, group_of, updates)
 
 
-def _deltas(whole: Surrogate, c: float, r: Tensor) -> Iterator[Tensor]:
-    """delta_1..delta_C of delta_{g+1} = c A_g delta_g + r_g with delta_0 = 0, one at a time."""
-    d = torch.zeros_like(r[0])
+def _carries(whole: Surrogate, c: float, r: Tensor, zero: Tensor) -> Iterator[Tensor]:
+    """p_1..p_C, one at a time: p_g = c A_g e_g is what the change e_g of group g's input adds to its
+    output (e_1 = 0, e_{g+1} = p_g + r_g); `zero` is a zero state."""
+    p = zero
+    yield p
     for g in range(r.shape[0]):
-        d = c * whole[g : g + 1].apply(d.unsqueeze(0))[0] + r[g]
-        yield d
+        p = c * whole[g + 1 : g + 2].apply((p + r[g]).unsqueeze(0))[0]
+        yield p
 
 
-def _scan(whole: Surrogate, c: float, r: Tensor) -> Tensor:
-    """delta_1..delta_C stacked (a prefix sum in the identity case without damping)."""
+def _scan(whole: Surrogate, c: float, outputs: Tensor, r: Tensor) -> Tensor:
+    """The corrected super-layer outputs F_g(u_g) + p_g, all C of them (the carries are an exclusive
+    prefix sum in the identity case without damping)."""
     if whole.kind == "identity" and c == 1.0:
-        return torch.cumsum(r, dim=0)
-    return torch.stack(list(_deltas(whole, c, r)))
+        return torch.cat([outputs[:1], outputs[1:] + torch.cumsum(r, dim=0)])
+    return outputs + torch.stack(list(_carries(whole, c, r, torch.zeros_like(outputs[0]))))
 
 
-def _scan_last(whole: Surrogate, c: float, r: Tensor) -> Tensor:
-    """delta_C alone: the block output needs no intermediate delta, so none is kept. In the identity
-    case without damping a sum over the groups: traced for a compiler (fake tensors), an unrolled
-    chain of adds, which inductor fuses into one coalesced pointwise kernel (it compiles a sum over
-    the leading dim as a slower outer reduction: H100, bf16 [24, 2048, 640], 103 us as a sum, 70 us
-    as a prefix sum, 72 us as adds; [20, 2048, 1280], 202 / 141 / 79 us); on real tensors (eager)
-    one sum kernel. The two add in different orders, so they differ by rounding."""
+def _scan_last(whole: Surrogate, c: float, last: Tensor, r: Tensor) -> Tensor:
+    """The block output F_C(u_C) + p_C alone (`last` is F_C(u_C)): no intermediate carry is kept.
+    In the identity case without damping p_C is a sum over the groups: traced for a compiler (fake
+    tensors), an unrolled chain of adds, which inductor fuses into one coalesced pointwise kernel (it
+    compiles a sum over the leading dim as a slower outer reduction: H100, bf16 [24, 2048, 640], 103 us
+    as a sum, 70 us as a prefix sum, 72 us as adds; [20, 2048, 1280], 202 / 141 / 79 us); on real
+    tensors (eager) one sum kernel. The two add in different orders, so they differ by rounding."""
     if whole.kind == "identity" and c == 1.0:
-        return functools.reduce(operator.add, r.unbind(0)) if is_fake(r) else r.sum(dim=0)
-    *_, last = _deltas(whole, c, r)
-    return last
+        return functools.reduce(operator.add, r.unbind(0), last) if is_fake(r) else last + r.sum(dim=0)
+    *_, p = _carries(whole, c, r, torch.zeros_like(last))
+    return last + p
 
 
 def _block_surrogate(stack: LayerStack, start: int, sizes: list[int]) -> Surrogate:
@@ -226,33 +237,49 @@ def _initial_inputs(stack: LayerStack, start: int, sizes: list[int], x: Tensor, 
     return u
 
 
-def _residual(stack: LayerStack, start: int, sizes: list[int], u: Tensor) -> Tensor:
-    """r_g = F_g(u_g) - u_{g+1} (0 for u_{C+1}): how far the inputs are from a trace."""
-    return _super_layers(stack, start, sizes, u) - torch.cat([u[1:], torch.zeros_like(u[:1])])
+def _evaluate(stack: LayerStack, start: int, sizes: list[int], u: Tensor) -> tuple[Tensor, Tensor]:
+    """(F_g(u_g) for all C groups, r_g = F_g(u_g) - u_{g+1} for the C - 1 before the last): the
+    outputs, and how far the inputs are from a trace. A NaN residual is 0 (module docstring)."""
+    outputs = _super_layers(stack, start, sizes, u)
+    return outputs, torch.nan_to_num(outputs[:-1] - u[1:], nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def exact_iters(groups: int, init: str) -> int:
+    """Iterations after which a block of `groups` super-layers is at its fixed point: each one fixes
+    one more input, and init="batch_fwd" starts with two of them right (u_1 = x, u_2 = F_1(x))."""
+    return max(1, groups - (init == "batch_fwd"))
+
+
+def useful_iters(num_layers: int, config: SNLPConfig) -> int:
+    """The most iterations a block of this stack's schedule runs (`exact_iters` of the block with the
+    most super-layers): a larger config.iters gives the same solve."""
+    return max(exact_iters(len(sizes), config.init) for _, sizes in schedule(num_layers, config))
 
 
 def _block_iterates(
     stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Newton iterations over one block, without end: (block output, super-layer inputs [C]) after
-    iteration 1, 2, ..."""
+    iteration 1, 2, ... The block input u_1 = x never changes; u_{g+1} becomes F_g(u_g) + p_g."""
     whole = _block_surrogate(stack, start, sizes)
     u = _initial_inputs(stack, start, sizes, x, config)
     c = 1.0 - config.damping
     while True:
-        delta = _scan(whole, c, _residual(stack, start, sizes, u))
-        u = u + torch.cat([torch.zeros_like(delta[:1]), delta[:-1]])
-        yield delta[-1], u
+        corrected = _scan(whole, c, *_evaluate(stack, start, sizes, u))
+        u = torch.cat([u[:1], corrected[:-1]])
+        yield corrected[-1], u
 
 
 def _solve_block(stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int) -> Tensor:
-    """K >= 1 Newton iterations over one block; returns the block output. The last iteration
-    computes only the output's correction (`_scan_last`), as nothing reads its inputs."""
+    """K >= 1 Newton iterations over one block (at most `exact_iters`); returns the block output. The
+    last iteration computes only the output's correction (`_scan_last`), as nothing reads its inputs."""
+    iters = min(iters, exact_iters(len(sizes), config.init))
     if iters == 1:
         u = _initial_inputs(stack, start, sizes, x, config)
     else:
         u = next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 2, None))[1]
-    return _scan_last(_block_surrogate(stack, start, sizes), 1.0 - config.damping, _residual(stack, start, sizes, u))
+    outputs, r = _evaluate(stack, start, sizes, u)
+    return _scan_last(_block_surrogate(stack, start, sizes), 1.0 - config.damping, outputs[-1], r)
 
 
 def solve_traces(
@@ -261,7 +288,8 @@ def solve_traces(
     """`solve_trace` for several iteration counts at once: {K: trace}, each equal to its own solve.
 
     Counts whose solves reach a block with the same input share that block's iterations (in the
-    first block they all do), so K = 1 and 2 cost two iterations of it, not three.
+    first block they all do), so K = 1 and 2 cost two iterations of it, not three; counts past a
+    block's `exact_iters` share its last one.
     """
     counts = sorted(set(iters))
     if not counts or counts[0] < 1:
@@ -275,16 +303,17 @@ def solve_traces(
     inputs = dict.fromkeys(counts, h)
     for start, sizes in schedule(len(stack), config):
         ends = list(itertools.accumulate(sizes))
+        cap = exact_iters(len(sizes), config.init)
         sharing: dict[int, list[int]] = {}  # the counts whose solves enter this block with one tensor
         for k in counts:
             sharing.setdefault(id(inputs[k]), []).append(k)
         for ks in sharing.values():
             iterates = _block_iterates(stack, start, sizes, inputs[ks[0]], config)
-            for k, (out, u) in enumerate(itertools.islice(iterates, ks[-1]), start=1):
-                if k in ks:
-                    traces[k].update({start + e - 1: u[g + 1] for g, e in enumerate(ends[:-1])})
-                    traces[k][start + ends[-1] - 1] = out
-                    inputs[k] = out
+            for k, (out, u) in enumerate(itertools.islice(iterates, min(ks[-1], cap)), start=1):
+                for count in (count for count in ks if min(count, cap) == k):
+                    traces[count].update({start + e - 1: u[g + 1] for g, e in enumerate(ends[:-1])})
+                    traces[count][start + ends[-1] - 1] = out
+                    inputs[count] = out
     return traces
 
 

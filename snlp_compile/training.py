@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import SNLPConfig
+from .config import SNLPConfig, check_int, int_range, is_int_in
 from .models.gpt import DecoderLM
 from .models.mhc import HyperConnection, sinkhorn
 from .prepare import layer_signature
@@ -100,6 +101,38 @@ def _h_res(connections: list[HyperConnection]) -> dict[int, Tensor]:
     return out
 
 
+def _counts(name: str, value: Any, low: int, high: int | None = None, unit: str = "") -> tuple[int, ...]:
+    """One count or a tuple / list of them as a tuple, each an integer in [low, high] (`is_int_in`);
+    ValueError naming SNLPRegularizer.<name>, the valid range and `unit` otherwise."""
+    counts = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not counts or not all(is_int_in(k, low, high) for k in counts):
+        raise ValueError(
+            f"SNLPRegularizer.{name} must be one or more integers {int_range(low, high)}{unit}, got {value!r}"
+        )
+    return counts
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The states of the default generators random ops on `device` draw from (the CPU one always)."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+@contextlib.contextmanager
+def _drawing_nothing(device: torch.device, blocks: str) -> Iterator[None]:
+    """Raise ValueError when the code inside (the SNLP solves of `blocks`) draws random numbers."""
+    before = _rng_states(device)
+    yield
+    if not all(map(torch.equal, before, _rng_states(device))):
+        raise ValueError(
+            f"SNLPRegularizer: the blocks of {blocks} draw random numbers (dropout in training mode?): every Newton "
+            "iteration of the SNLP solve would draw new ones, so its trace cannot be compared with the forward's; "
+            "train with dropout 0 to regularise"
+        )
+
+
 def _check_side_input(value: Any, where: str) -> None:
     if isinstance(value, (Tensor, int, float, bool, str, type(None))):
         return
@@ -127,7 +160,7 @@ class SNLPRegularizer:
 
     `with reg:` drops captures of earlier forwards, so the loss refers to the forward inside it.
 
-    Arguments: weight >= 0 (lambda); n_par: the number(s) of last layers solved in parallel, each
+    Arguments: weight, finite and >= 0 (lambda); n_par: the number(s) of last layers solved in parallel, each
     in [1, L] (the loss averages over them; default L // 2); stride: 0 scores the last layer only,
     s >= 1 every s-th layer of the parallel part (s <= min(n_par)); iters: the iteration count(s)
     K >= 1 of the solve (the loss averages over them too, e.g. (1, 2) to train for K = 1 and 2);
@@ -150,8 +183,9 @@ class SNLPRegularizer:
     Compiled models: hooks registered on the blocks fire inside `torch.compile(model)` too, since
     dynamo traces them (checked on CPU with the eager, aot_eager and inductor backends: the same
     loss and gradients as eager); `loss()` itself runs eagerly. Give the regulariser the module,
-    not the compiled wrapper. Blocks must be deterministic (no dropout), since the SNLP trace
-    calls them again. DistributedDataParallel: give the regulariser the wrapped module and add its
+    not the compiled wrapper. Blocks must be deterministic, since the SNLP trace calls them again:
+    `loss()` raises ValueError when they draw random numbers (dropout in training mode).
+    DistributedDataParallel: give the regulariser the wrapped module and add its
     loss before backward; its gradients are all-reduced with the task loss's (tested with two CPU
     ranks over gloo).
     """
@@ -183,25 +217,15 @@ class SNLPRegularizer:
     ) -> None:
         self.name, self.blocks = find_block_list(model)
         depth = len(self.blocks)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"SNLPRegularizer.weight must be a number >= 0, got {weight!r}")
-        n_par = (depth // 2,) if n_par is None else ((n_par,) if isinstance(n_par, int) else tuple(n_par))
-        if not n_par or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= depth for n in n_par):
-            raise ValueError(
-                f"SNLPRegularizer.n_par must be one or more integers in [1, {depth}] (layers of {self.name}), "
-                f"got {n_par!r}"
-            )
-        if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride <= min(n_par):
-            raise ValueError(f"SNLPRegularizer.stride must be an integer in [0, {min(n_par)}], got {stride!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"SNLPRegularizer.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"SNLPRegularizer.weight must be a finite number >= 0, got {weight!r}")
+        n_par = _counts("n_par", depth // 2 if n_par is None else n_par, 1, depth, f" (layers of {self.name})")
+        check_int("SNLPRegularizer.stride", stride, 0, min(n_par))
+        check_int("SNLPRegularizer.warmup_steps", warmup_steps, 0)
         for name, flag in (("detach_target", detach_target), ("checkpoint", checkpoint)):
             if not isinstance(flag, bool):
                 raise ValueError(f"SNLPRegularizer.{name} must be True or False, got {flag!r}")
-        counts = tuple(iters) if isinstance(iters, (tuple, list)) else (iters,)
-        if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
-            raise ValueError(f"SNLPRegularizer.iters must be one or more integers >= 1, got {iters!r}")
-        self.iters = tuple(sorted(set(counts)))
+        self.iters = tuple(sorted(set(_counts("iters", iters, 1))))
         self.config = SNLPConfig(init=init, surrogate=surrogate)
         self.hyper_connections = [[m for m in b.modules() if isinstance(m, HyperConnection)] for b in self.blocks]
         has_hc = all(self.hyper_connections)
@@ -270,7 +294,8 @@ class SNLPRegularizer:
             return torch.zeros((), device=self._device)
         calls = self._checked(calls)
         device_type, enabled, dtype = self._autocast
-        with self._re_running_blocks(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        autocast = torch.autocast(device_type, dtype=dtype, enabled=enabled)
+        with self._re_running_blocks(), autocast, _drawing_nothing(self._device, self.name):
             mixes = self._block_mixes() if self.use_hc else None  # once per loss, shared by every n_par
             terms = [term for n in self.n_par for term in self._gaps(calls, n, mixes)]
         if not terms:

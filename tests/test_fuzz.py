@@ -13,9 +13,14 @@ from snlp_compile.solver import schedule
 
 
 class FuzzLayer(nn.Module):
-    def __init__(self, width, streams, norm, gate, act, x0):
+    """`draw`: a state-independent random draw in every layer ("noise", a hand-made dropout "mask");
+    `scratch`: a state-independent tensor changed in place before it is read; `index_add`: the branch
+    added into a zeros buffer the layer allocates."""
+
+    def __init__(self, width, streams, norm, gate, act, x0, draw=None, scratch=False, index_add=False):
         super().__init__()
         self.norm, self.gate, self.x0 = norm, gate, x0
+        self.draw, self.scratch, self.index_add = draw, scratch, index_add
         self.lin = nn.Linear(width, width)
         self.act = act
         self.scale = nn.Parameter(torch.tensor(0.9)) if gate == "param" else None
@@ -25,6 +30,18 @@ class FuzzLayer(nn.Module):
         if self.norm == "pre":
             x = nn.functional.layer_norm(x, x.shape[-1:])
         y = self.act(self.lin(x)) + 0.1 * side
+        if self.draw == "noise":
+            y = y + 0.1 * torch.randn(y.shape)
+        elif self.draw == "mask":
+            y = y * (torch.rand(y.shape) < 0.8) / 0.8
+        if self.scratch:
+            s = torch.ones(y.shape[-1])
+            s.mul_(0.5)
+            y = y * s
+        if self.index_add:
+            buf = torch.zeros(y.shape)
+            buf.index_add_(-1, torch.arange(y.shape[-1] - 1, -1, -1), y)
+            y = buf
         return nn.functional.layer_norm(y, y.shape[-1:]) if self.norm == "post" else y
 
     def forward(self, h, side, x0):
@@ -44,7 +61,12 @@ class FuzzModel(nn.Module):
         acts = [nn.Tanh(), nn.GELU(), nn.SiLU()]
         self.hetero = hetero = rng.random() < 0.3
         common = dict(
-            norm=rng.choice(["pre", "post", None]), gate=rng.choice(["param", "const", None]), x0=rng.random() < 0.3
+            norm=rng.choice(["pre", "post", None]),
+            gate=rng.choice(["param", "const", None]),
+            x0=rng.random() < 0.3,
+            draw=rng.choice([None, None, "noise", "mask"]),
+            scratch=rng.random() < 0.3,
+            index_add=rng.random() < 0.3,
         )
         self.layers = nn.ModuleList(
             [FuzzLayer(self.width, self.streams, act=acts[i % 2 if hetero else 0], **common) for i in range(depth)]
@@ -82,12 +104,14 @@ def test_fuzz_rewrite_is_exact_or_falls_back(seed, caplog):
     rng = random.Random(seed)
     model = FuzzModel(rng).eval()
     x = torch.randn(2, 5, 4)
+    torch.manual_seed(seed)  # the same draws in the eager and the compiled call
     expected = model(x)
     depth = len(model.layers)
     n_seq = rng.randint(0, depth - 2)
     blocks = rng.randint(1, depth - n_seq)
     config = SNLPConfig(n_seq=n_seq, blocks=blocks, init=rng.choice(["h0", "batch_fwd"]), inner="eager")
     exact_iters = max(len(sizes) for _, sizes in schedule(depth, config))
+    torch.manual_seed(seed)
     with caplog.at_level(logging.INFO, logger="snlp_compile"):
         out = torch.compile(model, backend="snlp", options=dict(vars(config), iters=exact_iters))(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -232,16 +232,82 @@ def test_solve_traces_share_the_iterations_of_a_block():
 
 def test_the_last_correction_is_an_add_chain_when_traced_and_one_sum_in_eager():
     """Inductor fuses an add chain into one coalesced kernel but compiles a leading-dim sum as a slow
-    outer reduction; eager runs one sum kernel. Both equal the last prefix sum."""
+    outer reduction; eager runs one sum kernel. Both equal the last output plus the residuals' sum."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from snlp_compile.solver import IDENTITY, _scan_last
 
-    r = torch.randn(5, 3, 4)
-    torch.testing.assert_close(_scan_last(IDENTITY, 1.0, r), r.cumsum(0)[-1])
-    traced = make_fx(lambda r: _scan_last(IDENTITY, 1.0, r), tracing_mode="fake")(r)
+    last, r = torch.randn(3, 4), torch.randn(4, 3, 4)
+    torch.testing.assert_close(_scan_last(IDENTITY, 1.0, last, r), last + r.cumsum(0)[-1])
+    traced = make_fx(lambda last, r: _scan_last(IDENTITY, 1.0, last, r), tracing_mode="fake")(last, r)
     targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.sum.dim_IntList not in targets
     assert targets.count(torch.ops.aten.add.Tensor) == 4
-    eager = make_fx(lambda r: _scan_last(IDENTITY, 1.0, r))(r)  # real tensors: one sum
+    eager = make_fx(lambda last, r: _scan_last(IDENTITY, 1.0, last, r))(last, r)  # real tensors: one sum
     assert [n.target for n in eager.graph.nodes if n.op == "call_function"].count(torch.ops.aten.sum.dim_IntList) == 1
+
+
+def saturating_stack(n=5, residual=True):
+    """Elementwise layers (no norm, no mixing), so an inf stays in its element: h + 0.5 tanh(h)
+    keeps it, tanh(h) + 0.1 h maps it to inf too, and -h flips its sign."""
+
+    def layer(i):
+        if not residual:
+            return lambda h: torch.tanh(h) + 0.1 * h if i % 2 else -h
+        return lambda h: h + 0.5 * torch.tanh(h * (i + 1))
+
+    return CallableStack([layer(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("init", ["h0", "batch_fwd"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "sign-flipping"])
+@pytest.mark.parametrize(
+    "overrides, surrogate",
+    [(dict(), None), (dict(blocks=2, damping=0.3), None), (dict(n_seq=1), "scale"), (dict(), "mix")],
+    ids=["idn", "damped-blocks", "scale", "hcn"],
+)
+def test_non_finite_values_are_exact_at_the_block_size(init, residual, overrides, surrogate):
+    """An inf (or NaN) in the input stays in its own elements, as in sequential, when iters reaches
+    the block size: the other elements are finite and equal to sequential, for every surrogate."""
+    n = 5
+    stack = saturating_stack(n, residual)
+    h0 = torch.randn(2, M, D)
+    h0[0, 1, 3], h0[1, 0, 0], h0[1, 2, 5] = float("inf"), -float("inf"), float("nan")
+    if surrogate == "scale":
+        stack.surrogate = Surrogate("scale", torch.rand(n) + 0.5)
+    if surrogate == "mix":
+        stack.surrogate = Surrogate("mix", torch.eye(M).expand(n, M, M).clone())  # the layers mix no stream
+    config = SNLPConfig(iters=n, init=init, **overrides)
+    expected, out = sequential(stack, h0), solve(stack, h0, config)
+    assert not expected.isfinite().all() and expected[0, 0].isfinite().all()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    trace = solve_trace(stack, h0, config)
+    torch.testing.assert_close(trace[n - 1], expected, equal_nan=True)
+
+
+def test_iterations_past_the_block_size_are_capped():
+    """A block runs at most as many iterations as it has super-layers (one fewer with batch_fwd):
+    more change nothing, so a huge count costs what the block size costs."""
+    from snlp_compile.solver import exact_iters, useful_iters
+
+    calls = [0]
+
+    def layer(h):
+        calls[0] += 1
+        return h + torch.sin(h)
+
+    stack, h0 = CallableStack([layer] * 4), torch.randn(2, D)
+    exact = solve(stack, h0, SNLPConfig(iters=4))
+    calls[0] = 0
+    torch.testing.assert_close(solve(stack, h0, SNLPConfig(iters=10**9)), exact, rtol=0, atol=0)
+    assert calls[0] == 4 * 4
+    calls[0] = 0
+    solve(stack, h0, SNLPConfig(iters=10**9, init="batch_fwd"))
+    assert calls[0] == 3 + 3 * 4  # the batched first evaluation of 3 layers, then 3 iterations
+    traces = solve_traces(stack, h0, SNLPConfig(blocks=2), [1, 2, 7])
+    torch.testing.assert_close(traces[7][3], traces[2][3], rtol=0, atol=0)  # blocks of 2: K = 2 is exact
+    assert [exact_iters(c, "h0") for c in (1, 2, 5)] == [1, 2, 5]
+    assert [exact_iters(c, "batch_fwd") for c in (1, 2, 5)] == [1, 1, 4]
+    assert useful_iters(8, SNLPConfig(blocks=3)) == 3  # blocks of 3, 3, 2
+    assert useful_iters(8, SNLPConfig(n_seq=2, fuse=2)) == 3  # 6 parallel layers in 3 super-layers
+    assert useful_iters(8, SNLPConfig(init="batch_fwd")) == 7

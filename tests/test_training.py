@@ -302,6 +302,64 @@ def test_invalid_arguments(kwargs, field):
         SNLPRegularizer(tiny(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_par=2.0), r"n_par must be one or more integers in \[1, 4\] \(layers of blocks\), got 2.0"),
+        (dict(n_par=(2, 2.5)), r"n_par must be one or more integers in \[1, 4\]"),
+        (dict(iters=2.0), r"iters must be one or more integers >= 1, got 2.0"),
+        (dict(n_par=2, stride=2.0), r"stride must be an integer in \[0, 2\], got 2.0"),
+        (dict(warmup_steps=True), r"warmup_steps must be an integer >= 0, got True"),
+        (dict(weight=float("inf")), r"weight must be a finite number >= 0, got inf"),
+        (dict(weight=float("nan")), r"weight must be a finite number >= 0, got nan"),
+    ],
+)
+def test_invalid_arguments_say_the_valid_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SNLPRegularizer(tiny(), **kwargs)
+
+
+def test_blocks_that_draw_random_numbers_are_refused():
+    """Each Newton iteration would draw new dropout masks, so the SNLP trace cannot be compared with
+    the forward's: loss() says so instead of returning a noisy number; dropout in eval mode is fine."""
+
+    class Noisy(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.linear, self.drop = nn.Linear(8, 8), nn.Dropout(p)
+
+        def forward(self, x):
+            return x + self.drop(torch.tanh(self.linear(x)))
+
+    class Net(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.blocks = nn.ModuleList([Noisy(p) for _ in range(4)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    x = torch.randn(2, 3, 8)
+    net = Net(0.1)
+    reg = SNLPRegularizer(net, n_par=4)
+    net(x)
+    with pytest.raises(ValueError, match=r"the blocks of blocks draw random numbers \(dropout in training mode\?\)"):
+        reg.loss()
+    net.eval()
+    net(x)
+    assert reg.loss() > 0
+    reg = SNLPRegularizer(Net(0.0), n_par=4)
+    reg.model(x)
+    assert reg.loss() > 0
+
+
+def test_snlp_transform_takes_a_graph_module():
+    with pytest.raises(TypeError, match=r"snlp_transform takes a torch.fx.GraphModule, got GPT: pass torch.export"):
+        snlp_transform(tiny(), (IDX,))
+
+
 def _train(weight: float, steps: int = 20) -> GPT:
     torch.manual_seed(0)
     model = tiny()

@@ -2,18 +2,22 @@
 
 Invariants: a graph the passes cannot prove safe runs unmodified (`fallback="warn"`, one log
 line saying why) or raises `SNLPFallbackError` (`fallback="error"`); a wrong configuration
-(bad option, n_seq too deep, surrogate="hc" without mixing) always raises ValueError. The
-rewritten graph goes to the inner compiler whole, so inductor derives the backward pass from it.
+(bad option, n_seq too deep, surrogate="hc" without mixing) always raises ValueError. Both reach
+the caller of the compiled model as these types (dynamo wraps any other exception of a backend in
+BackendCompilerFailed), and neither makes dynamo skip the frame for later compiles. The rewritten
+graph goes to the inner compiler whole, so inductor derives the backward pass from it; `iters` is
+capped where the schedule shows that more iterations change nothing (the log line says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch._dynamo.exc import RestartAnalysis
+from torch._dynamo.exc import RestartAnalysis, ShortenTraceback
 from torch.fx import GraphModule
 
 from ..config import SNLPConfig
@@ -21,10 +25,12 @@ from ..passes.detect import LayerStackMatch, NotAStack, detect_layer_stack
 from ..passes.float32_logits import fuse_float32_logits
 from ..passes.rewrite import rewrite_stack
 from ..passes.surrogate import SurrogateRecipe, choose_recipe
+from ..solver import useful_iters
 
 logger = logging.getLogger("snlp_compile")
 
-# torch.compile modes and the SNLPConfig fields they switch on (as inductor's own modes do).
+# torch.compile modes and the SNLPConfig fields they switch on (as inductor's own modes do). torch.compile
+# takes a mode or options, not both: with options, these fields are the way to switch them on.
 _MODES: dict[str | None, dict[str, bool]] = {
     None: {},
     "default": {},
@@ -34,8 +40,21 @@ _MODES: dict[str | None, dict[str, bool]] = {
 }
 
 
-class SNLPFallbackError(RuntimeError):
-    """Raised instead of running a graph unmodified when fallback="error"."""
+# Dynamo re-raises a backend's ShortenTraceback as is, where it wraps any other exception in
+# BackendCompilerFailed (torch/_dynamo/output_graph.py, _call_user_compiler); it is no soft failure
+# (Unsupported, UserError), so dynamo does not mark the frame to be skipped afterwards.
+class SNLPFallbackError(ShortenTraceback):
+    """Raised instead of running a graph unmodified when fallback="error" (a RuntimeError)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, first_useful_frame=None)
+
+
+class SNLPConfigError(ShortenTraceback, ValueError):
+    """A wrong configuration found while compiling: a ValueError that reaches the compiled model's caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, first_useful_frame=None)
 
 
 def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig) -> Callable:
@@ -58,7 +77,7 @@ def warn_gemv_without_cudagraphs(config: SNLPConfig, example_inputs: Sequence, t
     if config.gemv and not training and not (config.cudagraphs and config.inner == "inductor") and on_cuda:
         logger.warning(
             "snlp: gemv=True without CUDA graphs launches each decode kernel from Python, which makes a step "
-            "slower than gemv=False; pass cudagraphs=True (or mode='reduce-overhead') with inner='inductor'"
+            "slower than gemv=False; pass cudagraphs=True with inner='inductor'"
         )
 
 
@@ -84,14 +103,40 @@ def analyse(gm: GraphModule, config: SNLPConfig) -> tuple[LayerStackMatch, list[
     return match, recipes, config
 
 
-def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None, mode: str | None = None) -> Callable:
-    """torch.compile(model, backend="snlp", options={...}); `options` are SNLPConfig fields."""
-    config = SNLPConfig.from_options(options)
+@contextlib.contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A ValueError inside is a wrong configuration: raised on as SNLPConfigError, which dynamo lets through."""
+    try:
+        yield
+    except ValueError as error:
+        raise SNLPConfigError(str(error)) from error
+
+
+def configure(options: Any, mode: str | None) -> SNLPConfig:
+    """The SNLPConfig of torch.compile's `options` or `mode` (it passes one of them at most)."""
     if mode not in _MODES:
         raise ValueError(f"snlp: mode must be one of {sorted(m for m in _MODES if m)}, got {mode!r}")
-    config = config.replace(**_MODES[mode])
+    return SNLPConfig.from_options(options).replace(**_MODES[mode])
+
+
+def cap_iters(config: SNLPConfig, num_layers: int) -> tuple[SNLPConfig, str]:
+    """config with iters capped at `solver.useful_iters` for a stack of num_layers (more would change
+    nothing), and what the log line says about it ("" when nothing was capped)."""
+    useful = useful_iters(num_layers, config)
+    if config.iters <= useful:
+        return config, ""
+    why = "where the largest block reaches its fixed point: more change nothing"
+    return config.replace(iters=useful), f"; iters={config.iters} capped at {useful} ({why})"
+
+
+def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None, mode: str | None = None) -> Callable:
+    """torch.compile(model, backend="snlp", options={...}); `options` are SNLPConfig fields."""
+    with configuration_errors():
+        config = configure(options, mode)
     try:
-        match, recipes, config = analyse(gm, config)
+        with configuration_errors():
+            match, recipes, config = analyse(gm, config)
+        config, capped = cap_iters(config, len(match.layers))
         training = is_training(example_inputs)
         new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), training)
         if not training and fuse_float32_logits(new_gm.graph):
@@ -111,15 +156,9 @@ def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None,
             raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {why}") from error
         logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", why)
         return inner_compile(gm, example_inputs, config)
-    if weights.copied_bytes:
-        logger.info(
-            "snlp: the stacked layer weights are a cached copy of %.2f MiB (snlp_compile.prepare(model) stacks "
-            "them in place with no copy)",
-            weights.copied_bytes / 2**20,
-        )
     warn_gemv_without_cudagraphs(config, example_inputs, training)
     kinds = "/".join(sorted({r.kind for r in recipes}))
-    logger.info("snlp: rewrote %s; surrogate %s; %s", match.describe(), kinds, config)
+    logger.info("snlp: rewrote %s; surrogate %s; %s%s", match.describe(), kinds, config, capped)
 
     def run(*args: Any) -> Any:
         weights.refresh(args)

@@ -33,7 +33,7 @@ from torch.fx import Graph, GraphModule
 from ..config import SNLPConfig
 from ..passes.detect import NotAStack
 from ..passes.rewrite import rewrite_stack
-from .dynamo import SNLPFallbackError, analyse
+from .dynamo import SNLPFallbackError, analyse, cap_iters
 
 logger = logging.getLogger("snlp_compile")
 
@@ -64,8 +64,15 @@ def snlp_transform(
 
     `example_inputs` are the positional inputs gm is called with. A graph the passes cannot
     prove safe is returned unmodified with one log line (fallback="warn") or raises
-    SNLPFallbackError (fallback="error"); a wrong configuration raises ValueError.
+    SNLPFallbackError (fallback="error"); a wrong configuration raises ValueError, anything but a
+    GraphModule TypeError.
     """
+    if not isinstance(gm, GraphModule):
+        raise TypeError(
+            f"snlp_transform takes a torch.fx.GraphModule, got {type(gm).__name__}: pass "
+            "torch.export.export(model, args).module() or torch.fx.symbolic_trace(model), or compile the module "
+            "itself with torch.compile(model, backend='snlp')"
+        )
     config = SNLPConfig.from_options(config)
     if not _has_values(gm):
         gm = torch.export.export(gm, tuple(example_inputs)).module()
@@ -77,6 +84,7 @@ def snlp_transform(
                 "with torch.export.export(model, args).module() or torch.fx.symbolic_trace"
             )
         match, recipes, config = analyse(work, config)
+        config, capped = cap_iters(config, len(match.layers))
         new_gm, _ = rewrite_stack(work, match, recipes, config, list(example_inputs), training=True)
     except NotAStack as why:
         if config.fallback == "error":
@@ -85,7 +93,6 @@ def snlp_transform(
         return gm
     new_gm.graph._codegen = work.graph._codegen
     new_gm.recompile()
-    logger.info(
-        "snlp: rewrote %s; surrogate %s; %s", match.describe(), "/".join(sorted({r.kind for r in recipes})), config
-    )
+    kinds = "/".join(sorted({r.kind for r in recipes}))
+    logger.info("snlp: rewrote %s; surrogate %s; %s%s", match.describe(), kinds, config, capped)
     return new_gm

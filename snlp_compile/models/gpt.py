@@ -65,6 +65,26 @@ class DecoderLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the model takes, KV cache included."""
+        return self.config.sequence_len
+
+    @property
+    def kv_cache_geometry(self) -> dict[str, int]:
+        """The `geometry` of the caches `make_kv_cache` builds."""
+        return StaticKVCache.geometry_of(self.config)
+
+    def make_kv_cache(
+        self, batch_size: int, max_seq_len: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> StaticKVCache:
+        """An empty StaticKVCache for this model (what `snlp_compile.decoding` allocates)."""
+        return StaticKVCache(self.config, batch_size, max_seq_len, dtype=dtype, device=device)
+
     def expand(self, x: Tensor) -> Tensor:
         """Embedding [B, T, d] -> hidden state."""
         return x
@@ -74,12 +94,20 @@ class DecoderLM(nn.Module):
         return x
 
     def forward(self, idx: Tensor, kv_cache: StaticKVCache | None = None) -> Tensor:
-        """Token ids [B, T] -> float logits [B, T, vocab_size]; advances ``kv_cache.pos`` by T."""
+        """Token ids [B, T] -> float logits [B, T, vocab_size]; advances ``kv_cache.pos`` by T.
+
+        The checks raise here and the layers run in `_forward`: a raise while dynamo traces a frame
+        makes it skip that code object for the rest of the process, so after a rejected call a
+        compiled model runs this frame eagerly and still compiles `_forward` whole."""
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise ValueError(f"idx must be a 2-D integer tensor [B, T], got {idx.dim()}-D {idx.dtype}")
+        if not 1 <= idx.shape[1] <= self.config.sequence_len:
+            raise ValueError(f"sequence length T must be in [1, {self.config.sequence_len}], got {idx.shape[1]}")
+        return self._forward(idx, kv_cache)
+
+    def _forward(self, idx: Tensor, kv_cache: StaticKVCache | None) -> Tensor:
+        """`forward` on checked token ids."""
         B, T = idx.shape
-        if not 1 <= T <= self.config.sequence_len:
-            raise ValueError(f"sequence length T must be in [1, {self.config.sequence_len}], got {T}")
         positions = torch.arange(T, device=idx.device)
         if kv_cache is not None:
             kv_cache.check(B, T)

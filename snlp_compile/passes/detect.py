@@ -13,30 +13,69 @@ Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` wit
   (lambda lookups, mixing matrices, masks) stay in the graph and become the layer's inputs.
 - Layers with equal `key` have identical structure and input shapes: they can be evaluated
   together with their per-layer inputs stacked on a leading axis.
-- In-place ops inside a layer only write per-layer inputs (a KV cache slice), never the state
-  or an input shared by several layers.
+- In-place ops inside a layer write per-layer inputs (a KV cache slice) or tensors the layer
+  allocates itself (`alias_roots`), never the state (or a view of it) or an input shared by
+  several layers. A tensor the layer allocates and writes is in `Layer.nodes`, with what reads
+  it: every evaluation of the layer allocates its own.
 - No layer draws random numbers from its state (dropout in training mode, `randn_like`): each
   Newton iteration would draw new ones, so no iteration count would reproduce the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import inspect
 import operator
 import re
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx import Graph, GraphModule, Node
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 # A use of a node: (user node, position of the argument in the user's flattened args/kwargs).
 Use = tuple[Node, tuple]
+
+
+# What dynamo records of a context manager that sets global state for the ops traced inside it
+# (torch.no_grad, torch.autocast, ...): the call that sets the state -> the state it sets.
+_GLOBAL_STATE_CALLS = {
+    "torch._C._set_grad_enabled": "grad mode",
+    "torch.amp.autocast_mode._enter_autocast": "autocast state",
+    "torch.amp.autocast_mode._exit_autocast": "autocast state",
+    "torch.autograd.grad_mode._enter_inference_mode": "inference mode",
+    "torch.autograd.grad_mode._exit_inference_mode": "inference mode",
+    "torch._C._set_fwd_grad_enabled": "forward-AD state",
+    "torch._functorch.predispatch._enter_dual_level": "forward-AD state",
+    "torch._functorch.predispatch._exit_dual_level": "forward-AD state",
+    "torch.nn.attention._sdpa_kernel": "SDPA backend",
+}
+
+
+def _resolve(path: str) -> Any:
+    """The object a dotted path names, or None where this torch version lacks it."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+_GLOBAL_STATE: dict[Any, str] = {
+    call: state for path, state in _GLOBAL_STATE_CALLS.items() if (call := _resolve(path)) is not None
+}
 
 
 class NotAStack(Exception):
@@ -115,14 +154,29 @@ def map_args(node: Node, fn) -> tuple[tuple, dict]:
     return walk(node.args, ("args",)), walk(node.kwargs, ("kwargs",))
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def specialised(value: Any) -> Any:
+    """A symbolic scalar as the Python number the shape environment has pinned it to (a size guarded
+    equal to 32, an unspecialised float dynamo had to specialise), else `value` itself; no guard is added."""
+    if not isinstance(value, _SYMBOLIC):
+        return value
+    sym = value.node
+    known = sym.maybe_as_int() if sym.is_int() else sym.maybe_as_float() if sym.is_float() else sym.maybe_as_bool()
+    return value if known is None else known
+
+
 def _freeze(value: Any) -> Any:
+    """A hashable form of an argument or traced value; equal symbolic and concrete scalars freeze equal."""
     if isinstance(value, slice):
         return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+    value = specialised(value)
+    if isinstance(value, _SYMBOLIC):
         return ("sym", str(value))
     return value
 
@@ -133,9 +187,13 @@ def example_value(node: Node) -> Any:
 
 
 def _meta(node: Node) -> tuple:
+    """What a layer's key holds of a traced value: a tensor's shape, dtype and device; a scalar's value
+    (a per-layer scalar can only be shared by layers it is equal in, never stacked); else its type."""
     value = example_value(node)
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(_freeze(list(value.shape))), value.dtype, value.device.type)
+    if isinstance(value, (int, float, *_SYMBOLIC)):
+        return ("scalar", _freeze(value))
     return ("value", type(value).__name__)
 
 
@@ -173,7 +231,13 @@ def _first_node(path: tuple, value: Any) -> tuple[tuple, Node] | None:
 def written_arg(node: Node) -> tuple[tuple, Node] | None:
     """(position in the node's args as `flat_args` names it, node) of what an in-place op writes
     (the first written node for an op that writes several: `torch._foreach_mul_`'s list, a tuple
-    passed as `out=`), or None for a pure op."""
+    passed as `out=`), or None for a pure op: a write its name, flags or schema declare
+    (`_declared_write`), else one it hides inside (`_observed_write`)."""
+    return _declared_write(node) or _observed_write(node)
+
+
+def _declared_write(node: Node) -> tuple[tuple, Node] | None:
+    """`written_arg` by the op's name (`add_`), `inplace=True`, `out=` or aten schema annotation."""
     first = _first_node(("args", 0), node.args[0]) if node.args else None
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
         return first
@@ -197,6 +261,104 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
     if not is_operator and name.endswith("_") and not name.endswith("__") and first is not None:
         return first
     return _first_node(("kwargs", "out"), node.kwargs.get("out"))
+
+
+class _NotProbed(Exception):
+    """The node cannot run on its traced values (an argument without one, or a real tensor)."""
+
+
+# graph -> {a call's `_signature`: the position of the first argument a probe saw it write, or None}
+_observed: weakref.WeakKeyDictionary[Graph, dict[tuple, tuple | None]] = weakref.WeakKeyDictionary()
+
+
+def _signature(node: Node) -> tuple:
+    """What decides which arguments a call writes: its target and arguments, nodes by their traced `_meta`."""
+    leaves = tuple((path, _meta(v) if isinstance(v, Node) else _freeze(v)) for path, v in flat_args(node))
+    return node.op, node.target, leaves
+
+
+def _observed_write(node: Node) -> tuple[tuple, Node] | None:
+    """`written_arg` for a torch op that writes an argument without declaring it, such as F.batch_norm
+    updating its running statistics (the aten schema of batch_norm has no write annotation): the node
+    runs once on copies of its traced fake arguments, resolved to the aten ops it dispatches to, whose
+    schemas say what they write. Only torch ops with tensor arguments run (no user code, no global state
+    setter); one that cannot run on its traced values counts as pure."""
+    torch_op = node.op == "call_method" or (
+        node.op == "call_function" and (getattr(node.target, "__module__", None) or "").startswith("torch")
+    )
+    if not torch_op:
+        return None
+    seen = _observed.setdefault(node.graph, {})
+    try:
+        key = _signature(node)
+        path = seen[key] if key in seen else seen.setdefault(key, _probe_write(node))
+    except TypeError:  # an unhashable argument: probe without the cache
+        path = _probe_write(node)
+    value = dict(flat_args(node)).get(path) if path is not None else None
+    return (path, value) if isinstance(value, Node) else None
+
+
+class _WriteRecorder(TorchDispatchMode):
+    """Records the storages of the tensors each aten op run under it writes, as its schema declares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: set[StorageWeakRef] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for leaf in pytree.tree_leaves(value):
+                    if isinstance(leaf, torch.Tensor):
+                        self.written.add(StorageWeakRef(leaf.untyped_storage()))
+        return func(*args, **kwargs)
+
+
+def _probe_write(node: Node) -> tuple | None:
+    """The position of the first argument whose fake copy the node writes when run once under the
+    python dispatcher, which resolves composite ops to the aten ops that declare their writes."""
+    copies: list[tuple[tuple, torch.Tensor]] = []
+    modes = set()
+
+    def fake_copy(path: tuple, value: Any) -> Any:
+        if not isinstance(value, Node):
+            return value
+        traced = example_value(value)
+        if traced is None:
+            raise _NotProbed
+
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
+            if not isinstance(tensor, FakeTensor):
+                raise _NotProbed
+            modes.add(tensor.fake_mode)
+            copies.append((path, tensor.clone()))
+            return copies[-1][1]
+
+        return pytree.tree_map_only(torch.Tensor, copy, traced)
+
+    recorder = _WriteRecorder()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            args, kwargs = map_args(node, fake_copy)
+            if len(modes) != 1:
+                raise _NotProbed
+            (mode,) = modes
+            stack.enter_context(mode)
+            if mode.shape_env is not None:  # no guards, no new symbols in the graph's shape environment
+                stack.enter_context(mode.shape_env.suppress_guards())
+                stack.enter_context(mode.shape_env.ignore_fresh_unbacked_symbols())
+            stack.enter_context(enable_python_dispatcher())
+            stack.enter_context(recorder)
+            if node.op == "call_method":
+                getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.target(*args, **kwargs)
+    except Exception:  # _NotProbed, or an op whose fake kernel cannot run this way
+        return None
+    return next((path for path, copy in copies if StorageWeakRef(copy.untyped_storage()) in recorder.written), None)
 
 
 def _aten_name(node: Node) -> str | None:
@@ -230,7 +392,8 @@ def _bound_arguments(node: Node, packet: torch._ops.OpOverloadPacket) -> dict[st
 def random_op(node: Node) -> str | None:
     """The name of the random op `node` calls (an aten op tagged nondeterministic_seeded, by its own
     or its aten name: F.dropout, torch.randn_like, Tensor.bernoulli_), None for a deterministic one:
-    a dropout-like op called with training=False, SDPA with dropout_p=0."""
+    a dropout-like op called with training=False or with probability 0 (`p`, SDPA's `dropout_p`),
+    which returns its input and draws nothing."""
     name = _aten_name(node)
     packet = getattr(torch.ops.aten, name, None) if name else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
@@ -240,7 +403,9 @@ def random_op(node: Node) -> str | None:
         return None
     bound = _bound_arguments(node, packet) if node.op == "call_function" else {}
     flag = next((bound[k] for k in ("training", "train") if k in bound), None)
-    if flag is False or (flag is None and bound.get("dropout_p", 1) == 0):
+    probability = next((bound[k] for k in ("p", "dropout_p") if k in bound), None)
+    probability = specialised(example_value(probability) if isinstance(probability, Node) else probability)
+    if flag is False or (isinstance(probability, (int, float)) and probability == 0):
         return None
     return name
 
@@ -249,6 +414,45 @@ def mutated_arg(node: Node) -> Node | None:
     """The node an in-place op writes to, or None for a pure op."""
     written = written_arg(node)
     return None if written is None else written[1]
+
+
+def _storages(node: Node) -> set[StorageWeakRef] | None:
+    """The storages of the tensors a node's traced value holds; None when the node has no traced value."""
+    if "example_value" not in node.meta and "val" not in node.meta:
+        return None
+    value = example_value(node)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return {StorageWeakRef(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor)}
+
+
+def _aliased_args(node: Node) -> list[Node]:
+    """The arguments whose memory the node's value shares (views, in-place ops, `x.to(x.dtype)`), by
+    the storages of the traced values; every argument where either has no traced value."""
+    mine = _storages(node)
+    return [a for a in node.all_input_nodes if mine is None or (theirs := _storages(a)) is None or mine & theirs]
+
+
+def alias_roots(node: Node, within: set[Node]) -> set[Node]:
+    """Where the memory of `node`'s value comes from: walking back through `_aliased_args` inside
+    `within`, the nodes of `within` that allocate their value (share memory with no argument) and the
+    nodes outside `within` the walk reaches (a layer's state or inputs, graph inputs)."""
+    roots, seen, todo = set(), set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        parents = _aliased_args(current) if current in within else []
+        if parents:
+            todo.extend(parents)
+        else:
+            roots.add(current)
+    return roots
+
+
+def written_roots(nodes: list[Node] | set[Node], within: set[Node]) -> set[Node]:
+    """The `alias_roots` (inside `within`) of every tensor the in-place ops among `nodes` write."""
+    return {root for n in nodes if (target := mutated_arg(n)) is not None for root in alias_roots(target, within)}
 
 
 def _forward_closure(starts: set[Node], within: set[Node] | None = None) -> set[Node]:
@@ -392,9 +596,12 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
 def _make_layer(
     index: int, region: set[Node], state_in: Node, state_uses: set[Use], state_out: Node, position: dict
 ) -> Layer:
-    # Nodes reading a tensor the layer writes in place must run after the write: keep them in.
+    # A tensor the layer allocates and writes in place is its scratch: allocated in every evaluation
+    # of the layer, never hoisted (shared by layers, kept across Newton iterations). Nodes reading a
+    # tensor the layer writes in place must run after the write: keep them in.
     written = {mutated_arg(n) for n in region} - {None}
-    starts = {u for u, _ in state_uses} | {n for n in region if set(n.all_input_nodes) & written}
+    scratch = written_roots(region, region) & region
+    starts = {u for u, _ in state_uses} | scratch | {n for n in region if set(n.all_input_nodes) & written}
     dependent = (starts | _forward_closure(starts, region)) & region
     if state_out not in dependent:
         raise NotAStack(f"the output of layer {index} does not depend on its input")
@@ -454,10 +661,61 @@ def _first_layer(index: int, regions: list, outs: list, layers: list, position: 
     return None
 
 
-def _check_chain(container: str, layers: list[Layer]) -> None:
-    inside = set().union(*(set(layer.nodes) for layer in layers))
-    downstream = _forward_closure({layer.state_out for layer in layers[:-1]}) | inside
+def _check_one_global_state(container: str, layers: list[Layer]) -> None:
+    """Every stack node runs under one global state (grad mode, autocast, ...), the one the rewrite's
+    single call of the stack runs under: no region of dynamo's graph begins or ends between the
+    stack's first and last node (a region around the whole stack is fine)."""
+    stack = {n for layer in layers for n in layer.nodes}
+    started, change = False, None
+    for node in layers[0].state_out.graph.nodes:
+        if node in stack:
+            if change is not None:
+                first, last = layers[0].module_index, layers[-1].module_index
+                raise NotAStack(
+                    f"the {_GLOBAL_STATE[change.target]} changes inside the stack {container}[{first}..{last}] "
+                    f"(at {change.name}); the rewrite runs the whole stack under one state"
+                )
+            started = True
+        elif started and node.op == "call_function" and node.target in _GLOBAL_STATE:
+            change = change or node
+
+
+def _requires_grad(node: Node) -> bool:
+    """Some tensor of the node's traced value requires grad (the graph is differentiated through it)."""
+    return any(t.requires_grad for t in pytree.tree_leaves(example_value(node)) if isinstance(t, torch.Tensor))
+
+
+def _check_gradient_flow(container: str, layers: list[Layer]) -> None:
+    """Where the stack is differentiated, a layer whose state requires grad passes that gradient on:
+    an op that stops it on every path (`x.detach()` between layers) would be bypassed by the Newton
+    corrections, which carry the state's gradient around the layer function; eager gives what lies
+    before the stop no gradient at all. (At inference nothing requires grad, and a detach changes nothing.)"""
+    if not any(_requires_grad(n) for layer in layers for n in layer.nodes):
+        return
     for layer in layers:
+        if not _requires_grad(layer.state_in):
+            continue
+        users = {u for u, _ in layer.state_uses}
+        carries, stops = set(), []  # nodes the state's gradient reaches; nodes it stops at
+        for node in layer.nodes:
+            if node in users or carries.intersection(node.all_input_nodes):
+                (carries.add if _requires_grad(node) else stops.append)(node)
+        if layer.state_out not in carries:
+            stop = stops[0] if stops else layer.state_out
+            raise NotAStack(
+                f"{stop.name} ({getattr(stop.target, '__name__', stop.target)}) in layer {container}."
+                f"{layer.module_index} stops the gradient of the state in a differentiated graph: the Newton "
+                "corrections would carry it around the stop"
+            )
+
+
+def _check_chain(container: str, layers: list[Layer]) -> None:
+    _check_one_global_state(container, layers)
+    _check_gradient_flow(container, layers)
+    inside = set().union(*(set(layer.nodes) for layer in layers))
+    downstream = _forward_closure(inside) | inside  # what any layer node (glue too) flows into
+    for layer in layers:
+        own = set(layer.nodes)
         shape_in, shape_out = _meta(layer.state_in), _meta(layer.state_out)
         if shape_in != shape_out:
             raise NotAStack(
@@ -479,13 +737,15 @@ def _check_chain(container: str, layers: list[Layer]) -> None:
             written = written_arg(node)
             if written is None:
                 continue
+            # a write to a tensor the layer allocates (a root in `own`) is its own; to a per-layer input, rewritten
             path, target = written
-            if target in layer.nodes or (node, path) in layer.state_uses:
+            roots = alias_roots(target, own)
+            if (node, path) in layer.state_uses or layer.state_in in roots:
                 raise NotAStack(f"{node.name} in layer {container}.{layer.module_index} writes its state in place")
-            if any(target in other.inputs for other in layers if other is not layer):
+            read = next((r for r in roots for other in layers if other is not layer and r in other.inputs), None)
+            if read is not None:
                 raise NotAStack(
-                    f"{node.name} in layer {container}.{layer.module_index} writes {target.name}, "
-                    "which other layers read"
+                    f"{node.name} in layer {container}.{layer.module_index} writes {read.name}, which other layers read"
                 )
 
 

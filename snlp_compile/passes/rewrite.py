@@ -14,11 +14,16 @@ Invariants of the rewritten graph:
   has a vmap rule of its own that does the same). With `gemv` (inference), each group also gets
   a graph for calls on one layer at a time (sequential layers, one-layer blocks), whose decode
   attention takes the split-KV kernels of `snlp::decode_attention`.
+- A tensor a layer allocates and writes in place (`detect.alias_roots`) goes through
+  `snlp::scratch` in the graph run under vmap: a fresh copy per layer and evaluation, which vmap
+  can write per-layer values into.
 - Per-layer inputs are stacked without a copy where they are views of one tensor
   (`lambdas[i]`, `kv_cache.k[i]`: sliced instead); inference-time parameters become new
   buffers of the graph kept up to date by `StackedWeights`; anything else is stacked inside the
   graph, so gradients reach each layer's own tensors.
 - An input a layer writes in place is always a view slice, so writes reach the original tensor.
+- Random draws and other impure ops outside the layer graphs are never merged or erased: each
+  runs once per call, in the original order.
 - The input GraphModule is not modified (the backend compiles it as is when it falls back).
 """
 
@@ -50,6 +55,9 @@ from .detect import (
     example_value,
     map_args,
     mutated_arg,
+    random_op,
+    specialised,
+    written_roots,
 )
 from .rotary import fuse_rotary
 from .sibling_linears import fuse_sibling_linears
@@ -115,6 +123,38 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
     return target
 
 
+@torch.library.custom_op("snlp::scratch", mutates_args=())
+def scratch(buffer: Tensor, state: Tensor) -> Tensor:
+    """A copy of `buffer` that a layer writes in place. Under vmap over the layers (a batched `state`)
+    each layer gets its own (contiguous) copy, so that writes of per-layer values batch: vmap cannot
+    write a batched value into a tensor allocated unbatched (`torch.zeros(shape)` in the layer)."""
+    return buffer.clone()
+
+
+@scratch.register_fake
+def _(buffer, state):
+    return torch.empty_like(buffer)
+
+
+def _scratch_vmap(info, in_dims, buffer, state):
+    dim = in_dims[0]
+    copies = buffer.movedim(dim, 0) if dim is not None else buffer.expand(info.batch_size, *buffer.shape)
+    return copies.clone(), 0
+
+
+scratch.register_vmap(_scratch_vmap)
+scratch.register_autograd(lambda ctx, grad: (grad, None))
+
+
+def _scratch_nodes(layer: Layer) -> set[Node]:
+    """The tensors the layer allocates and writes in place (the layer's own `written_roots`); of an op that
+    allocates several (`torch.sort`), the items read from it."""
+    own = set(layer.nodes)
+    roots = written_roots(layer.nodes, own) & own
+    items = {u for r in roots for u in r.users if u in own and u.target is operator.getitem}
+    return {n for n in roots | items if isinstance(example_value(n), Tensor)}
+
+
 _INDEX_COPY_ = (torch.Tensor.index_copy_, torch.ops.aten.index_copy_, torch.ops.aten.index_copy_.default)
 _LINEAR = (F.linear, torch._C._nn.linear, torch.ops.aten.linear, torch.ops.aten.linear.default)
 
@@ -126,6 +166,22 @@ def is_bias_free_linear(node: Node) -> bool:
     bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
     weight = example_value(node.args[1]) if isinstance(node.args[1], Node) else None
     return bias is None and isinstance(weight, Tensor) and weight.dim() == 2
+
+
+def linear_by_einsum(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear as an einsum. Under vmap, torch 2.11's matmul batching rule calls numel() on a tensor
+    with symbolic sizes, which fails while inductor traces a graph of symbolic sequence length;
+    einsum's batching does not."""
+    out = torch.einsum("...i,oi->...o", input, weight)
+    return out if bias is None else out + bias
+
+
+def _symbolic_linear(node: Node) -> bool:
+    """A linear whose input has a symbolic size (dynamic=True, or dynamo's automatic dynamic shapes)."""
+    if node.op != "call_function" or node.target not in _LINEAR or not node.args:
+        return False
+    value = _traced(node.args[0])
+    return isinstance(value, Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape)
 
 
 _RMS_NORM = (torch.rms_norm, F.rms_norm)
@@ -140,13 +196,15 @@ def _batchable_target(
     snlp::decode_attention (split-KV kernels; a stacked call's SDPA already fills the GPU), with
     `fused_kernels`, in a graph run under vmap, RMS norms through snlp::rms_norm (one fused kernel,
     not its decomposition; a one-layer call keeps torch's, which dispatches faster than a custom
-    op); otherwise the node's own."""
+    op), linears of symbolic size under vmap as einsums (`linear_by_einsum`); otherwise the node's own."""
     if fused_kernels and not one_layer and node.op == "call_function" and node.target in _RMS_NORM:
         return "call_function", torch.ops.snlp.rms_norm.default, {}
     if gemv and is_bias_free_linear(node):
         return "call_function", bias_free_linear, {}
     if gemv and one_layer and _decode_attention(node):
         return "call_function", sdpa, {"decode": True}
+    if not one_layer and _symbolic_linear(node):
+        return "call_function", linear_by_einsum, {}
     if _needs_batched_attention(node):
         return "call_function", sdpa, {}
     if (node.op, node.target) == ("call_method", "index_copy_") or (
@@ -172,7 +230,8 @@ def layer_module(
     eager inner compiler): rotary embeddings through snlp::rotary after twin chains (`fuse_rotary`)
     and, under vmap, RMS norms through snlp::rms_norm; `eager` (a graph run eagerly): twin chains
     as one (`fuse_twin_chains`). `aliases[k]`: the input slot whose
-    placeholder the graph reads for input k (one that always holds the same value, `_input_aliases`)."""
+    placeholder the graph reads for input k (one that always holds the same value, `_input_aliases`).
+    Unless `one_layer`, the layer's scratch tensors (`_scratch_nodes`) go through `snlp::scratch`."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
@@ -181,6 +240,7 @@ def layer_module(
     aliases = aliases or list(range(len(inputs)))
     slot = {node: inputs[aliases[k]] for k, node in enumerate(layer.inputs)}
     env: dict[Node, Node] = {}
+    own_copies = set() if one_layer else _scratch_nodes(layer)
     for node in layer.nodes:
 
         def remap(path: tuple, value: object, node: Node = node) -> object:
@@ -194,6 +254,9 @@ def layer_module(
         op, target, extra = _batchable_target(node, gemv, one_layer, fused_kernels)
         env[node] = graph.create_node(op, target, args, {**kwargs, **extra}, name=node.name)
         env[node].meta = dict(node.meta)
+        if node in own_copies:
+            env[node] = graph.call_function(torch.ops.snlp.scratch.default, (env[node], state))
+            env[node].meta = dict(node.meta)
     graph.output(env[layer.state_out])
     if gemv:
         fuse_sibling_linears(graph)
@@ -311,15 +374,23 @@ class StackProgram(nn.Module):
         return solve(GraphStack(self, per_layer, per_group), state, self.config)
 
 
+def _pure(node: Node) -> bool:
+    """A call whose value is a function of its arguments alone, with no effect: it writes nothing in
+    place, draws no random numbers and has no side effect."""
+    calls = node.op in ("call_function", "call_method")
+    return calls and mutated_arg(node) is None and random_op(node) is None and not node.is_impure()
+
+
 def same_value(a: object, b: object) -> bool:
-    """a and b compute the same value: the same node, or the same pure op on the same values."""
+    """a and b compute the same value: the same node, or the same `_pure` op on the same values (two
+    random draws never do)."""
     if a is b:
         return True
     if not isinstance(a, Node) or not isinstance(b, Node):
         return type(a) is type(b) and not isinstance(a, Node) and a == b
-    if a.op not in ("call_function", "call_method") or (a.op, a.target) != (b.op, b.target):
+    if (a.op, a.target) != (b.op, b.target) or not _pure(a):
         return False
-    if mutated_arg(a) is not None or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+    if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
         return False
     pairs = [*zip(a.args, b.args, strict=True), *((a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
     return all(same_value(x, y) for x, y in pairs)
@@ -368,6 +439,13 @@ def _input_aliases(layers: list[Layer], members: list[int], canonical: dict[Node
     return [next(j for j in range(k + 1) if all(x[j] is x[k] for x in inputs)) for k in range(len(inputs[0]))]
 
 
+def _one_number(nodes: list[Node]) -> bool:
+    """The nodes hold one Python number (`specialised`: a symbolic scalar the guards pin, such as an
+    unspecialised LayerNorm eps under dynamic=True), which a layer reads as a scalar: shared, never stacked."""
+    values = [specialised(example_value(n)) for n in nodes]
+    return isinstance(values[0], (int, float)) and all(type(v) is type(values[0]) and v == values[0] for v in values)
+
+
 def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
     """(base, slice) when nodes are base[i0], base[i0 + d], ... (d >= 1), else None."""
     picks = []
@@ -387,14 +465,14 @@ def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
 
 
 def _erase_unused(nodes: list[Node]) -> None:
-    """Erase the pure nodes among `nodes` that nothing reads, and then what only they read (layer
+    """Erase the `_pure` nodes among `nodes` that nothing reads, and then what only they read (layer
     inputs replaced by their canonical copy, the parallel layers' own copies of inputs that
-    per_group shares): an eager inner compiler would run them on every call."""
+    per_group shares): an eager inner compiler would run them on every call. A random draw stays:
+    it advances the generator that later draws read."""
     todo, erased = list(nodes), set()
     while todo:
         node = todo.pop()
-        pure = node.op in ("call_function", "call_method") and mutated_arg(node) is None and not node.is_impure()
-        if pure and not node.users and node not in erased:
+        if not node.users and node not in erased and _pure(node):
             todo.extend(node.all_input_nodes)
             node.graph.erase_node(node)
             erased.add(node)
@@ -433,11 +511,13 @@ def rewrite_stack(
     plans, batched = [], []
     for members in match.groups:
         rep = layers[members[0]]
-        written = {mutated_arg(n) for n in rep.nodes} - {None}
+        written = written_roots(rep.nodes, set(rep.nodes)) - set(rep.nodes)  # the inputs it writes, through views too
         slots, flags = [], []
         for k, node in enumerate(rep.inputs):
             nodes = [layers[p].inputs[k] for p in members]
-            if all(same_value(n, node) for n in nodes):
+            # an input the layers write is shared only where it is one node (a one-layer group): equal
+            # copies (views of one tensor) would take every layer's write into one unbatched tensor
+            if all(n is node if node in written else same_value(n, node) for n in nodes) or _one_number(nodes):
                 slots.append(("shared", node))
                 flags.append(False)
                 continue
