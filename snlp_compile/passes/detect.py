@@ -574,11 +574,13 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
         between = _forward_closure({prev_out}, non_keyed)
         glue = backward_closure(region, between)
         full = glue | region
-        stray = [u for u in prev_out.users if u not in full]
+        stray = [(n, u) for n in (prev_out, *glue) for u in n.users if u not in full]
         if stray:
+            state, user = stray[0]
+            what = "the state" if state is prev_out else f"{state.name}, computed from the state"
             raise NotAStack(
-                f"the state leaving {container}.{indices[pos - 1]} is also used outside "
-                f"{container}.{indices[pos]} (by {stray[0].name}): not a chain"
+                f"{what} leaving {container}.{indices[pos - 1]} is also used outside "
+                f"{container}.{indices[pos]} (by {user.name}): not a chain"
             )
         layers[pos] = _make_layer(indices[pos], full, prev_out, _uses_of(prev_out, full), outs[pos], position)
     layers[0] = _first_layer(indices[0], regions, outs, layers, position)
