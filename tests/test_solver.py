@@ -235,7 +235,7 @@ def test_the_last_correction_is_an_add_chain_when_traced_and_one_sum_in_eager():
     outer reduction; eager runs one sum kernel. Both equal the last output plus the residuals' sum."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from snlp_compile.solver import IDENTITY, _scan_last
+    from snlp_compile.solver.core import IDENTITY, _scan_last
 
     last, r = torch.randn(3, 4), torch.randn(4, 3, 4)
     torch.testing.assert_close(_scan_last(IDENTITY, 1.0, last, r), last + r.cumsum(0)[-1])

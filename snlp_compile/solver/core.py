@@ -1,12 +1,12 @@
-"""The structured-Newton math on plain callables (no FX): sequential, IDN, HCN, exact Newton.
+"""The structured-Newton solve on plain callables (no FX): surrogates, the chunk schedule, IDN and HCN.
 
 A *layer stack* is anything with `len(stack)`, `stack.layer(i, h) -> h'` (one layer) and
 `stack.layers(start, hs) -> hs'` (layers start..start+n-1 applied to hs[0..n-1] at once), plus a
 `surrogate` (one Jacobian surrogate per layer). Invariants:
 
 - `solve` with fuse = 1 and iters >= the largest block size (>= size - 1 with init="batch_fwd")
-  reproduces `sequential` up to float rounding, for every surrogate and damping, and puts every
-  inf and NaN the layers compute where `sequential` does. Two rules keep non-finite values exact:
+  reproduces `reference.sequential` up to float rounding, for every surrogate and damping, and
+  puts every inf and NaN the layers compute where `sequential` does. Two rules keep non-finite values exact:
   a group's new input is its predecessor's output plus a correction, F_g(u_g) + c A_g e_g (never
   old input + change, which is inf - inf where an old input is infinite), and a NaN residual
   (F_g(u_g) - u_{g+1} with both the same infinity) counts as 0, so the corrections of a
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .config import SNLPConfig
+from ..config import SNLPConfig
 
 SURROGATE_KINDS = ("identity", "scale", "mix")
 
@@ -122,43 +122,6 @@ class CallableStack:
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
         return torch.stack([self.fns[start + i](h) for i, h in enumerate(hs)])
-
-
-class StackedModules:
-    """Structurally identical modules evaluated together: their parameters and buffers are stacked
-    once (`torch.func.stack_module_state`) and one module's forward runs under `vmap` through
-    `functional_call`. `side_inputs` are passed to every layer after the state."""
-
-    def __init__(self, modules: Sequence[nn.Module], side_inputs: Sequence = (), surrogate: Surrogate = IDENTITY):
-        self.modules = list(modules)
-        self.side_inputs = tuple(side_inputs)
-        self.surrogate = surrogate
-        self.params, self.buffers = torch.func.stack_module_state(self.modules)
-        self._template = self.modules[0]
-
-    def __len__(self) -> int:
-        return len(self.modules)
-
-    def layer(self, index: int, h: Tensor) -> Tensor:
-        return self.modules[index](h, *self.side_inputs)
-
-    def layers(self, start: int, hs: Tensor) -> Tensor:
-        end = start + hs.shape[0]
-        params = {k: v[start:end] for k, v in self.params.items()}
-        buffers = {k: v[start:end] for k, v in self.buffers.items()}
-
-        def one(p: dict, b: dict, h: Tensor) -> Tensor:
-            return torch.func.functional_call(self._template, (p, b), (h, *self.side_inputs))
-
-        return torch.vmap(one)(params, buffers, hs)
-
-
-def sequential(stack: LayerStack, h0: Tensor) -> Tensor:
-    """The reference: h_l = f_l(h_{l-1}) one layer after another."""
-    h = h0
-    for i in range(len(stack)):
-        h = stack.layer(i, h)
-    return h
 
 
 def split_even(total: int, parts: int) -> list[int]:
@@ -335,58 +298,3 @@ def solve(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Tensor:
     for start, sizes in schedule(len(stack), config):
         h = _solve_block(stack, start, sizes, h, config, config.iters)
     return h
-
-
-def exact_newton(stack: LayerStack, h0: Tensor, iters: int) -> Tensor:
-    """Newton with the true Jacobians (torch.func.jvp), all layers in one block, init h0.
-
-    The reference that shows why the surrogate matters: converges in one iteration on affine
-    layers, and in len(stack) iterations on any layers. Not a fast path.
-    """
-    n = len(stack)
-    inputs = [h0] * n
-    out = h0
-    for _ in range(iters):
-        new = [h0]
-        for i in range(n):
-            value, tangent = torch.func.jvp(lambda h, i=i: stack.layer(i, h), (inputs[i],), (new[i] - inputs[i],))
-            new.append(value + tangent)
-        inputs, out = new[:-1], new[-1]
-    return out
-
-
-def _relative(a: Tensor, b: Tensor) -> float:
-    return (torch.linalg.vector_norm((a - b).float()) / torch.linalg.vector_norm(b.float()).clamp_min(1e-30)).item()
-
-
-@dataclass
-class Diagnostics:
-    """residual[k-1]: relative residual ||h_b - f_b..f_{a+1}(h_a)|| / ||h|| of the trace after k
-    iterations, k = 1..config.iters; layer_error[l]: relative error against sequential
-    after config.iters iterations at each layer the trace pins down."""
-
-    residual: list[float]
-    layer_error: dict[int, float]
-
-
-@torch.no_grad()
-def diagnose(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Diagnostics:
-    """Residual per iteration and per-layer error against the sequential trace."""
-    reference, h = {}, h0
-    for i in range(len(stack)):
-        h = stack.layer(i, h)
-        reference[i] = h
-    residual, traces = [], solve_traces(stack, h0, config, range(1, config.iters + 1))
-    for k in range(1, config.iters + 1):
-        trace = traces[k]
-        previous, previous_index, num, den = h0, -1, 0.0, 0.0
-        for index in sorted(trace):
-            value = previous
-            for j in range(previous_index + 1, index + 1):
-                value = stack.layer(j, value)
-            num += torch.linalg.vector_norm((trace[index] - value).float()).item() ** 2
-            den += torch.linalg.vector_norm(trace[index].float()).item() ** 2
-            previous, previous_index = trace[index], index
-        residual.append(math.sqrt(num / max(den, 1e-30)))
-    layer_error = {i: _relative(v, reference[i]) for i, v in trace.items()}
-    return Diagnostics(residual=residual, layer_error=layer_error)
