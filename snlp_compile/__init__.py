@@ -8,8 +8,8 @@ from .backends.onnx_export import export_onnx
 from .config import SNLPConfig
 from .decoding import Generation, generate, stream
 from .kernels import cache_write as _cache_write  # noqa: F401  (registers snlp::cache_write_, models' cache write)
-from .prepare import prepare
 from .report import StackReport, find_layer_stack
+from .runtime.prepare import prepare
 from .training import SNLPRegularizer
 
 # Installed packages register "snlp" through the torch_dynamo_backends entry point; a source

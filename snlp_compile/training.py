@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .config import SNLPConfig, check_int, int_range, is_int_in
 from .models.gpt import DecoderLM
 from .models.mhc import HyperConnection, sinkhorn
-from .prepare import layer_signature
+from .runtime.prepare import layer_signature
 from .solver import IDENTITY, CallableStack, Surrogate, solve_traces
 
 logger = logging.getLogger("snlp_compile")

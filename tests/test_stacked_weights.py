@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import nn
 
-from snlp_compile.stacked_weights import StackedWeights
+from snlp_compile.runtime.stacked_weights import StackedWeights
 
 
 def params(n: int, *shape: int) -> list[nn.Parameter]:

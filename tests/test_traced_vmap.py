@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from snlp_compile.traced_vmap import TracedVmap, runs_eagerly
+from snlp_compile.runtime.traced_vmap import TracedVmap, runs_eagerly
 
 
 def layer(h, w, table, cache, index):
@@ -121,7 +121,7 @@ def test_simplify_views_drops_identity_folds_reshape_chains_and_dedupes():
     tensor is kept (reshaping it at once could need other strides)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from snlp_compile.traced_vmap import simplify_views
+    from snlp_compile.runtime.traced_vmap import simplify_views
 
     def f(x, y):
         a = x.permute(0, 1, 2).expand(2, 3, 4)  # identities: both dropped
@@ -150,7 +150,7 @@ def test_simplify_views_drops_identity_folds_reshape_chains_and_dedupes():
 def test_simplify_views_leaves_a_graph_with_in_place_layout_changes():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from snlp_compile.traced_vmap import simplify_views
+    from snlp_compile.runtime.traced_vmap import simplify_views
 
     def f(x):
         v = x.view(2, 3)  # an identity view taken before x changes layout

@@ -10,7 +10,7 @@ from torch import nn
 import snlp_compile
 from snlp_compile.backends import dynamo
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
-from snlp_compile.stacked_weights import StackedWeights
+from snlp_compile.runtime.stacked_weights import StackedWeights
 
 IDX = torch.randint(0, 64, (2, 16))
 

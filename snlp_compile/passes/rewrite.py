@@ -44,9 +44,9 @@ from ..kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_
 from ..kernels.attention import sdpa
 from ..kernels.decode_attention import runs_decode_attention
 from ..kernels.stacked_linear import bias_free_linear
+from ..runtime.stacked_weights import StackedWeights
+from ..runtime.traced_vmap import TracedVmap
 from ..solver import IDENTITY, Surrogate, solve
-from ..stacked_weights import StackedWeights
-from ..traced_vmap import TracedVmap
 from .detect import (
     Layer,
     LayerStackMatch,

@@ -209,8 +209,8 @@ def test_a_parallel_layers_input_read_after_the_stack_is_kept(n_seq):
 def test_eager_inner_replays_traces_that_equal_vmap_with_two_blocks(monkeypatch):
     """blocks 2: the two blocks' stacked weights are slices at other offsets with one signature;
     the replayed traces give the vmap path's output bitwise."""
-    from snlp_compile import traced_vmap
     from snlp_compile.backends import dynamo
+    from snlp_compile.runtime import traced_vmap
 
     graphs, real = [], dynamo.inner_compile
     monkeypatch.setattr(dynamo, "inner_compile", lambda gm, inputs, cfg: graphs.append(gm) or real(gm, inputs, cfg))

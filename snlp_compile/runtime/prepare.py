@@ -4,7 +4,7 @@ Invariant: `prepare(model)` changes where parameters live, never their values, n
 objects: `state_dict()` keys and values are identical before and after, optimizers holding the
 parameters keep working, and in-place updates of a parameter update the stacked storage the
 compiled graph reads (no copy, no refresh). The compiled graph moves its stacked parameters the
-same way by itself (`snlp_compile.stacked_weights.move_into`); prepare does it before compiling,
+same way by itself (`snlp_compile.runtime.stacked_weights.move_into`); prepare does it before compiling,
 and for every structurally identical group of layers.
 """
 

@@ -1,0 +1,1 @@
+"""What runs at call time: stacked weights kept in step with the model, prepare, the traced vmap replay."""
