@@ -5,10 +5,10 @@ import torch._dynamo
 from .backends.dynamo import SNLPFallbackError, snlp_backend
 from .backends.fx_transform import snlp_transform
 from .backends.onnx_export import export_onnx
+from .backends.report import StackReport, find_layer_stack
 from .config import SNLPConfig
 from .decoding import Generation, generate, stream
 from .kernels import cache_write as _cache_write  # noqa: F401  (registers snlp::cache_write_, models' cache write)
-from .report import StackReport, find_layer_stack
 from .runtime.prepare import prepare
 from .training import SNLPRegularizer
 

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.dynamo import analyse
-from .config import SNLPConfig
-from .fresh_code import fresh_function
-from .passes.detect import NotAStack
-from .passes.rewrite import same_value
+from ..config import SNLPConfig
+from ..fresh_code import fresh_function
+from ..passes.detect import NotAStack
+from ..passes.rewrite import same_value
+from .dynamo import analyse
 
 
 @dataclass
