@@ -41,6 +41,7 @@ from torch.fx import Graph, GraphModule, Node
 from ..config import SNLPConfig
 from ..kernels import HALF_DTYPES
 from ..kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_norm)
+from ..kernels import scratch as _scratch  # noqa: F401  (registers snlp::scratch)
 from ..kernels.attention import sdpa
 from ..kernels.decode_attention import runs_decode_attention
 from ..kernels.stacked_linear import bias_free_linear
@@ -121,29 +122,6 @@ def index_copy_(target: Tensor, dim: int, index: Tensor, source: Tensor) -> Tens
     else:
         target.movedim(dim, 0).index_put_((index,), source.movedim(dim, 0))  # a view: writes reach target
     return target
-
-
-@torch.library.custom_op("snlp::scratch", mutates_args=())
-def scratch(buffer: Tensor, state: Tensor) -> Tensor:
-    """A copy of `buffer` that a layer writes in place. Under vmap over the layers (a batched `state`)
-    each layer gets its own (contiguous) copy, so that writes of per-layer values batch: vmap cannot
-    write a batched value into a tensor allocated unbatched (`torch.zeros(shape)` in the layer)."""
-    return buffer.clone()
-
-
-@scratch.register_fake
-def _(buffer, state):
-    return torch.empty_like(buffer)
-
-
-def _scratch_vmap(info, in_dims, buffer, state):
-    dim = in_dims[0]
-    copies = buffer.movedim(dim, 0) if dim is not None else buffer.expand(info.batch_size, *buffer.shape)
-    return copies.clone(), 0
-
-
-scratch.register_vmap(_scratch_vmap)
-scratch.register_autograd(lambda ctx, grad: (grad, None))
 
 
 def _scratch_nodes(layer: Layer) -> set[Node]:
