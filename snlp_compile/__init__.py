@@ -2,7 +2,8 @@
 
 import torch._dynamo
 
-from .backends.dynamo import SNLPFallbackError, snlp_backend
+from .backends.dynamo import snlp_backend
+from .backends.fallback import SNLPFallbackError
 from .backends.fx_transform import snlp_transform
 from .backends.onnx_export import export_onnx
 from .backends.report import StackReport, find_layer_stack

@@ -164,7 +164,7 @@ def test_compiling_leaves_the_state_dict_as_it_was():
 
 def test_a_decode_step_does_no_restacking_when_nothing_changed(monkeypatch):
     graphs, rewrite = [], dynamo.rewrite_stack
-    monkeypatch.setattr(dynamo, "rewrite_stack", lambda *a: graphs.append(rewrite(*a)) or graphs[-1])
+    monkeypatch.setattr(dynamo, "rewrite_stack", lambda *a, **k: graphs.append(rewrite(*a, **k)) or graphs[-1])
     model = build()
     fn = torch.compile(model, backend="snlp", options=dict(iters=4, inner="eager", fallback="error"))
     cache = StaticKVCache(model.config, 1, 32)

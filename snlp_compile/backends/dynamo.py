@@ -1,31 +1,26 @@
-"""The torch.compile backend "snlp": detect the layer stack, rewrite it, hand it to inductor.
+"""The torch.compile backend "snlp": analyse the graph, rewrite its layer stack, lower it, hand it to
+the inner compiler.
 
-Invariants: a graph the passes cannot prove safe runs unmodified (`fallback="warn"`, one log
-line saying why) or raises `SNLPFallbackError` (`fallback="error"`); a wrong configuration
-(bad option, n_seq too deep, surrogate="hc" without mixing) always raises ValueError. Both reach
-the caller of the compiled model as these types (dynamo wraps any other exception of a backend in
-BackendCompilerFailed), and neither makes dynamo skip the frame for later compiles. The rewritten
-graph goes to the inner compiler whole, so inductor derives the backward pass from it; `iters` is
-capped where the schedule shows that more iterations change nothing (the log line says so).
+Invariants: fallbacks and configuration errors go through `fallback` (one log line, or
+SNLPFallbackError / SNLPConfigError); the rewritten graph goes to the inner compiler whole, so
+inductor derives the backward pass from it; the lowering list is chosen once (`lowerings`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch._dynamo.exc import RestartAnalysis, ShortenTraceback
+from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from ..config import SNLPConfig
-from ..passes.detect import LayerStackMatch, NotAStack, detect_layer_stack
-from ..passes.float32_logits import fuse_float32_logits
+from ..passes.analysis import NotAStack, analyse
 from ..passes.rewrite import rewrite_stack
-from ..passes.surrogate import SurrogateRecipe, choose_recipe
-from ..solver import useful_iters
+from .fallback import SNLPFallbackError, configuration_errors, fall_back, log_rewrite
+from .lowerings import choose_lowerings
 
 logger = logging.getLogger("snlp_compile")
 
@@ -40,23 +35,6 @@ _MODES: dict[str | None, dict[str, bool]] = {
 }
 
 
-# Dynamo re-raises a backend's ShortenTraceback as is, where it wraps any other exception in
-# BackendCompilerFailed (torch/_dynamo/output_graph.py, _call_user_compiler); it is no soft failure
-# (Unsupported, UserError), so dynamo does not mark the frame to be skipped afterwards.
-class SNLPFallbackError(ShortenTraceback):
-    """Raised instead of running a graph unmodified when fallback="error" (a RuntimeError)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, first_useful_frame=None)
-
-
-class SNLPConfigError(ShortenTraceback, ValueError):
-    """A wrong configuration found while compiling: a ValueError that reaches the compiled model's caller."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, first_useful_frame=None)
-
-
 def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig) -> Callable:
     """Hand a graph to the configured inner compiler."""
     if config.inner == "eager":
@@ -69,12 +47,12 @@ def inner_compile(gm: GraphModule, example_inputs: Sequence, config: SNLPConfig)
     return compile_fx(gm, list(example_inputs), config_patches={k: v for k, v in patches.items() if v})
 
 
-def warn_gemv_without_cudagraphs(config: SNLPConfig, example_inputs: Sequence, training: bool) -> None:
+def warn_gemv_without_cudagraphs(config: SNLPConfig, example_inputs: Sequence, differentiable: bool) -> None:
     """Log once per compile when the decode kernels would run on CUDA without CUDA graphs, where each
     of their launches costs Python host time and the step is slower than without them (not when
-    training, where gemv is off)."""
+    gradients flow, where the decode kernels are off)."""
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    if config.gemv and not training and not (config.cudagraphs and config.inner == "inductor") and on_cuda:
+    if config.gemv and not differentiable and not (config.cudagraphs and config.inner == "inductor") and on_cuda:
         logger.warning(
             "snlp: gemv=True without CUDA graphs launches each decode kernel from Python, which makes a step "
             "slower than gemv=False; pass cudagraphs=True with inner='inductor'"
@@ -86,32 +64,6 @@ def is_training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def analyse(gm: GraphModule, config: SNLPConfig) -> tuple[LayerStackMatch, list[SurrogateRecipe], SNLPConfig]:
-    """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured.
-
-    Leading layers the detector leaves out of the stack run sequentially anyway, so they count
-    towards n_seq: the returned config is the one to apply to the detected stack."""
-    reason = getattr(gm, "compile_subgraph_reason", None)
-    match = detect_layer_stack(gm)
-    if reason is not None and getattr(reason, "graph_break", False):
-        raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")
-    if any(n.op == "placeholder" and "resume_in" in n.name for n in gm.graph.nodes):
-        raise NotAStack("this graph resumes after a graph break, so the layer stack may be split across graphs")
-    config = config.replace(n_seq=max(0, config.n_seq - len(match.excluded)))
-    config.check_depth(len(match.layers))
-    recipes = [choose_recipe(match.layers[m[0]], config.surrogate) for m in match.groups]
-    return match, recipes, config
-
-
-@contextlib.contextmanager
-def configuration_errors() -> Iterator[None]:
-    """A ValueError inside is a wrong configuration: raised on as SNLPConfigError, which dynamo lets through."""
-    try:
-        yield
-    except ValueError as error:
-        raise SNLPConfigError(str(error)) from error
-
-
 def configure(options: Any, mode: str | None) -> SNLPConfig:
     """The SNLPConfig of torch.compile's `options` or `mode` (it passes one of them at most)."""
     if mode not in _MODES:
@@ -119,46 +71,36 @@ def configure(options: Any, mode: str | None) -> SNLPConfig:
     return SNLPConfig.from_options(options).replace(**_MODES[mode])
 
 
-def cap_iters(config: SNLPConfig, num_layers: int) -> tuple[SNLPConfig, str]:
-    """config with iters capped at `solver.useful_iters` for a stack of num_layers (more would change
-    nothing), and what the log line says about it ("" when nothing was capped)."""
-    useful = useful_iters(num_layers, config)
-    if config.iters <= useful:
-        return config, ""
-    why = "where the largest block reaches its fixed point: more change nothing"
-    return config.replace(iters=useful), f"; iters={config.iters} capped at {useful} ({why})"
-
-
 def snlp_backend(gm: GraphModule, example_inputs: Sequence, options: Any = None, mode: str | None = None) -> Callable:
     """torch.compile(model, backend="snlp", options={...}); `options` are SNLPConfig fields."""
     with configuration_errors():
         config = configure(options, mode)
+    differentiable = is_training(example_inputs)
+    lowerings = choose_lowerings(config, differentiable)
     try:
         with configuration_errors():
-            match, recipes, config = analyse(gm, config)
-        config, capped = cap_iters(config, len(match.layers))
-        training = is_training(example_inputs)
-        new_gm, weights = rewrite_stack(gm, match, recipes, config, list(example_inputs), training)
-        if not training and fuse_float32_logits(new_gm.graph):
-            new_gm.recompile()
+            plan = analyse(gm, config)
+        new_gm, weights = rewrite_stack(gm, plan, lowerings, list(example_inputs), stack_in_graph=differentiable)
     except NotAStack as why:
-        if config.fallback == "error":
-            raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
-        logger.warning("snlp: running this graph unmodified: %s", why)
+        fall_back(config, f"cannot rewrite this graph: {why}", f"running this graph unmodified: {why}")
         return inner_compile(gm, example_inputs, config)
     try:
-        compiled = inner_compile(new_gm, example_inputs, config)
+        compiled = inner_compile(new_gm, example_inputs, plan.config)
     except RestartAnalysis:  # dynamo's own signal (e.g. specialise a float scalar and trace again): not a failure
         raise
     except Exception as error:  # the inner compiler failed on the rewrite: never crash, say why
         why = f"{type(error).__name__}: {error}"
-        if config.fallback == "error":
-            raise SNLPFallbackError(f"snlp: the inner compiler failed on the rewritten graph: {why}") from error
-        logger.warning("snlp: running this graph unmodified: the inner compiler failed on the rewrite (%s)", why)
+        try:
+            fall_back(
+                config,
+                f"the inner compiler failed on the rewritten graph: {why}",
+                f"running this graph unmodified: the inner compiler failed on the rewrite ({why})",
+            )
+        except SNLPFallbackError as fallback_error:
+            raise fallback_error from error
         return inner_compile(gm, example_inputs, config)
-    warn_gemv_without_cudagraphs(config, example_inputs, training)
-    kinds = "/".join(sorted({r.kind for r in recipes}))
-    logger.info("snlp: rewrote %s; surrogate %s; %s%s", match.describe(), kinds, config, capped)
+    warn_gemv_without_cudagraphs(config, example_inputs, differentiable)
+    log_rewrite(plan, lowerings)
 
     def run(*args: Any) -> Any:
         weights.refresh(args)

@@ -31,9 +31,10 @@ import torch
 from torch.fx import Graph, GraphModule
 
 from ..config import SNLPConfig
-from ..passes.detect import NotAStack
+from ..passes.analysis import NotAStack, analyse
 from ..passes.rewrite import rewrite_stack
-from .dynamo import SNLPFallbackError, analyse, cap_iters
+from .fallback import fall_back, log_rewrite
+from .lowerings import choose_lowerings
 
 logger = logging.getLogger("snlp_compile")
 
@@ -83,16 +84,13 @@ def snlp_transform(
                 "the graph carries no nn_module_stack metadata (make_fx and AOT graphs drop it); trace the model "
                 "with torch.export.export(model, args).module() or torch.fx.symbolic_trace"
             )
-        match, recipes, config = analyse(work, config)
-        config, capped = cap_iters(config, len(match.layers))
-        new_gm, _ = rewrite_stack(work, match, recipes, config, list(example_inputs), training=True)
+        plan = analyse(work, config)
+        lowerings = choose_lowerings(plan.config, differentiable=True)
+        new_gm, _ = rewrite_stack(work, plan, lowerings, list(example_inputs), stack_in_graph=True)
     except NotAStack as why:
-        if config.fallback == "error":
-            raise SNLPFallbackError(f"snlp: cannot rewrite this graph: {why}") from None
-        logger.warning("snlp: returning this graph unmodified: %s", why)
+        fall_back(config, f"cannot rewrite this graph: {why}", f"returning this graph unmodified: {why}")
         return gm
     new_gm.graph._codegen = work.graph._codegen
     new_gm.recompile()
-    kinds = "/".join(sorted({r.kind for r in recipes}))
-    logger.info("snlp: rewrote %s; surrogate %s; %s%s", match.describe(), kinds, config, capped)
+    log_rewrite(plan, lowerings)
     return new_gm

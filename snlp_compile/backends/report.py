@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from ..config import SNLPConfig
-from ..fresh_code import fresh_function
-from ..passes.detect import NotAStack
-from ..passes.rewrite import same_value
-from .dynamo import analyse
+from ..fx.capture import capture_graphs
+from ..fx.equality import same_value
+from ..passes.analysis import NotAStack, analyse
 
 
 @dataclass
@@ -36,7 +35,7 @@ class StackReport:
         groups = ", ".join("[" + " ".join(str(self.layers[p]) for p in g) + "]" for g in self.groups)
         lines = [
             f"layer stack: {self.container}, layers {self.layers[0]}..{self.layers[-1]} ({len(self.layers)})",
-            f"  fusion groups: {groups}",
+            f"  layer groups: {groups}",
             f"  surrogate: {self.surrogate}",
             f"  shared side inputs: {', '.join(self.shared_inputs) or 'none'}",
             f"  per-layer inputs: {self.per_layer_inputs}",
@@ -46,11 +45,6 @@ class StackReport:
         return "\n".join(lines)
 
 
-def _call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """`self(*args, **kwargs)`; named `self` so that dynamo's sources (L['self'].blocks) read as a module's."""
-    return self(*args, **kwargs)
-
-
 def find_layer_stack(
     model: nn.Module, example_inputs: Sequence[Any], config: SNLPConfig | dict | None = None, **kwargs: Any
 ) -> list[StackReport]:
@@ -58,13 +52,13 @@ def find_layer_stack(
     config = SNLPConfig.from_options(config)
     reports: list[StackReport] = []
 
-    def capture(gm: torch.fx.GraphModule, inputs: Sequence) -> Any:
+    def report(gm: torch.fx.GraphModule) -> None:
         try:
-            match, recipes, _ = analyse(gm, config)
+            plan = analyse(gm, config)
         except NotAStack as why:
             reports.append(StackReport(found=False, reason=str(why)))
-            return gm.forward
-        first = match.layers[0]
+            return
+        match, first = plan.match, plan.match.layers[0]
         shared = {
             node.name
             for k, node in enumerate(first.inputs)
@@ -79,13 +73,12 @@ def find_layer_stack(
                 groups=match.groups,
                 shared_inputs=sorted(shared),
                 per_layer_inputs=len(match.layers[0].inputs) - len(shared),
-                surrogate="/".join(sorted({r.kind for r in recipes})),
+                surrogate="/".join(sorted({r.kind for r in plan.recipes})),
             )
         )
-        return gm.forward
 
-    with torch.no_grad():  # a fresh copy of _call: its graphs are dropped with it, other compiles are kept
-        torch.compile(fresh_function(_call), backend=capture)(model, *example_inputs, **kwargs)
+    with torch.no_grad():
+        capture_graphs(model, example_inputs, kwargs, report)
     if not reports:
         reason = "dynamo captured no graph (a graph break inside the layer loop makes it run the loop eagerly)"
         reports.append(StackReport(found=False, reason=reason))

@@ -9,7 +9,7 @@ its log-sum-exp, and a second kernel combines the splits. Invariants:
   `attention.reference_attention`) for q [..., T, D], k and v [..., S, D] with 1 <= T <= 16, a
   boolean mask broadcastable to [..., T, S] (True = attend) or none, accumulated in float32;
   a query row with no key to attend gives zeros;
-- `snlp::decode_attention` (what the rewrite calls, with `gemv=True`, in graphs that run one
+- `snlp::decode_attention` (what the decode-kernel lowering calls in graphs that run one
   layer at a time) takes the kernels for CUDA 16-bit inputs with few batch x heads rows
   (`runs_decode_attention`), else SDPA; it is inference only (no autograd formula, no vmap rule);
 - the kernels also run on CPU under TRITON_INTERPRET=1 (tests); inputs are read at their strides

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from snlp_compile.fx.writes import mutated_arg, written_arg
 from snlp_compile.kernels.cache_write import cache_write_
-from snlp_compile.passes.detect import mutated_arg, written_arg
 
 
 def test_cache_write_is_index_copy_on_the_view():

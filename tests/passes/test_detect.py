@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from snlp_compile import find_layer_stack
+from snlp_compile.fx.writes import written_arg
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
-from snlp_compile.passes.detect import written_arg
 
 
 def tiny(cls=GPT, **kw):
@@ -178,7 +178,7 @@ def test_random_op_names_seeded_ops_unless_switched_off():
     import torch.nn.functional as F
     from torch.fx import Graph
 
-    from snlp_compile.passes.detect import random_op
+    from snlp_compile.fx.randomness import random_op
 
     graph = Graph()
     x = graph.placeholder("x")

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from dynamo_graphs import traced
 from torch import nn
 
-from snlp_compile.passes.detect import random_op, written_arg
+from snlp_compile.fx.randomness import random_op
+from snlp_compile.fx.writes import written_arg
 
 WIDTH, DEPTH = 8, 4
 FALLBACK = "snlp: running this graph unmodified: "

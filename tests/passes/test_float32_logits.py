@@ -9,7 +9,7 @@ import snlp_compile  # noqa: F401  (registers the backend)
 from snlp_compile.backends import dynamo
 from snlp_compile.models import GPT
 from snlp_compile.models.config import GPTConfig
-from snlp_compile.passes.float32_logits import fuse_float32_logits
+from snlp_compile.passes.lowering.float32_logits import fuse_float32_logits
 
 FUSED = torch.ops.snlp.float32_linear.default
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from snlp_compile.kernels.stacked_linear import bias_free_linear
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
-from snlp_compile.passes.rewrite import _needs_batched_attention, index_copy_
+from snlp_compile.passes.lowering.batching import index_copy_, needs_batched_attention
 
 
 @pytest.mark.parametrize("dim", [2, -2])
@@ -89,7 +89,7 @@ def test_which_attention_calls_take_the_batched_op(device, dtype, batch, masked,
     with torch._subclasses.FakeTensorMode():
         q.meta["val"] = torch.empty(batch, 2, 3, 8, dtype=dtype, device=device)
     node = graph.call_function(F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask} if masked else {})
-    assert _needs_batched_attention(node) is expected
+    assert needs_batched_attention(node) is expected
 
 
 def test_only_the_sequential_layers_take_per_layer_inputs(monkeypatch):
@@ -131,7 +131,7 @@ def test_canonical_inputs_respect_in_place_writes_in_between():
     from between them."""
     from types import SimpleNamespace
 
-    from snlp_compile.passes.rewrite import _canonical_inputs
+    from snlp_compile.passes.rewrite.inputs import canonical_inputs
 
     def f(buf, x):
         a = buf.to(torch.float16)
@@ -144,7 +144,7 @@ def test_canonical_inputs_respect_in_place_writes_in_between():
     graph = torch.fx.symbolic_trace(f).graph
     a, b, c, d = (n for n in graph.nodes if n.op == "call_method" and n.target == "to")
     layers = [SimpleNamespace(inputs=[a, d]), SimpleNamespace(inputs=[b, d]), SimpleNamespace(inputs=[c, d])]
-    assert _canonical_inputs(graph, layers) == {a: a, b: b, c: b, d: d}
+    assert canonical_inputs(graph, layers) == {a: a, b: b, c: b, d: d}
 
 
 @pytest.mark.parametrize("inner, training", [("eager", False), ("eager", True), ("inductor", False)])

@@ -9,7 +9,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
-from snlp_compile.backends.dynamo import SNLPFallbackError
+from snlp_compile import SNLPFallbackError
 
 D, L = 8, 4
 
@@ -256,12 +256,13 @@ def test_writes_to_the_state_or_a_shared_input_are_refused(caplog, make, reason)
 def test_draws_are_never_the_same_value_nor_erased():
     """Two draws with equal arguments are two values (so are ops on them); a draw nothing reads still
     advances the generator: it is kept."""
-    from snlp_compile.passes.rewrite import _erase_unused, same_value
+    from snlp_compile.fx.equality import same_value
+    from snlp_compile.passes.rewrite.graph import erase_unused
 
     graph = torch.fx.Graph()
     draws = [graph.call_function(torch.rand, ((2, 3),)) for _ in range(2)]
     masks = [graph.call_function(operator.lt, (d, 0.5)) for d in draws]
     ones = [graph.call_function(torch.ones, ((2, 3),)) for _ in range(2)]
     assert not same_value(*draws) and not same_value(*masks) and same_value(*ones)
-    _erase_unused([*masks, *ones])
+    erase_unused([*masks, *ones])
     assert [n.target for n in graph.nodes] == [torch.rand, torch.rand]

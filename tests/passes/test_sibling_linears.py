@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
 from snlp_compile.kernels.stacked_linear import bias_free_linear
-from snlp_compile.passes.sibling_linears import fuse_sibling_linears
+from snlp_compile.passes.lowering.sibling_linears import fuse_sibling_linears
 
 
 def _graph(widths: list[int], rows: int, k: int = 8) -> tuple[GraphModule, list[torch.Tensor]]:

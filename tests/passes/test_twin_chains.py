@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dynamo_graphs import traced
 from torch.fx import GraphModule
 
-from snlp_compile.passes.twin_chains import fuse_twin_chains
+from snlp_compile.passes.lowering.twin_chains import fuse_twin_chains
 
 
 def _ops(gm: GraphModule) -> int:

@@ -24,16 +24,14 @@ from typing import Any
 import torch
 from torch.fx import Graph, Node
 
-from ..kernels import rotary as _rotary  # noqa: F401  (registers snlp::rotary)
-from .detect import example_value, mutated_arg
+from ...fx import ops
+from ...fx.values import example_value
+from ...fx.writes import mutated_arg
+from ...kernels import rotary as _rotary  # noqa: F401  (registers snlp::rotary)
 
 logger = logging.getLogger("snlp_compile")
 
-_MUL = {operator.mul, torch.mul, "mul"}
-_ADD = {operator.add, torch.add, "add"}
-_SUB = {operator.sub, torch.sub, "sub"}
-_NEG = {operator.neg, torch.neg, "neg"}
-_CAT = {torch.cat, torch.concat}
+_MUL, _ADD, _SUB, _NEG, _CAT = ops.MUL, ops.ADD, ops.SUB, ops.NEG, ops.CAT
 
 Term = tuple[bool, str, Node, Node]  # (negated, "x1" or "x2", x, table)
 

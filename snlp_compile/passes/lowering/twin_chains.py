@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,7 +34,12 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, Node
 
-from .detect import example_value, mutated_arg
+from ...fx import ops
+from ...fx.args import leaves, rebuild
+from ...fx.values import example_value
+from ...fx.writes import mutated_arg
+from ...kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_norm)
+from ..rewrite.lowering_list import Lowering, Where
 
 logger = logging.getLogger("snlp_compile")
 
@@ -69,7 +73,7 @@ _UNARY_FUNCTIONS = {
 _BINARY_METHODS = {"add", "sub", "mul", "div", "pow"}
 _UNARY_METHODS = {"neg", "square", "sqrt", "rsqrt", "exp", "tanh", "sigmoid", "relu", "float", "half", "bfloat16"}
 _NORMS = {torch.rms_norm, F.rms_norm, torch.ops.snlp.rms_norm.default, F.layer_norm}
-_CATS = {torch.cat, torch.concat}
+_CATS = ops.CAT
 _TRANSPOSES = {torch.transpose, "transpose"}
 
 Twins = dict[Node, Node]  # side a's chain op -> side b's
@@ -85,25 +89,9 @@ def _sizes(sizes: Any) -> tuple:
     return tuple(size if isinstance(size, int) else str(size) for size in sizes)
 
 
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _leaves(item)
-    elif isinstance(value, dict):
-        yield from _leaves(list(value.values()))
-    elif isinstance(value, slice):
-        yield from (value.start, value.stop, value.step)
-    else:
-        yield value
-
-
 def _mirror(value: Any, mapping: dict[Node, Any]) -> Any:
     """`value` with every node in `mapping` replaced by what it maps to."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_mirror(item, mapping) for item in value)
-    if isinstance(value, dict):
-        return {key: _mirror(item, mapping) for key, item in value.items()}
-    return mapping.get(value, value) if isinstance(value, Node) else value
+    return rebuild(value, lambda _, leaf: mapping.get(leaf, leaf) if isinstance(leaf, Node) else leaf)
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -126,7 +114,7 @@ def _full_slice_at(index: Any, rank: int, dim: int) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     if not all(isinstance(i, slice) or i is Ellipsis for i in items) or sum(i is Ellipsis for i in items) > 1:
         return False
-    if any(isinstance(leaf, Node) for leaf in _leaves(items)):
+    if any(isinstance(leaf, Node) for _, leaf in leaves(items)):
         return False
     if Ellipsis in items:
         at = items.index(Ellipsis)
@@ -144,7 +132,7 @@ def _separable(node: Node, chain: set[Node], dim: int, rank: int) -> bool:
     out = _tensor(node)
     if out is None or out.dim() != rank or mutated_arg(node) is not None:
         return False
-    operands = [leaf for leaf in _leaves((node.args, node.kwargs)) if isinstance(leaf, Node)]
+    operands = [leaf for _, leaf in leaves((node.args, node.kwargs)) if isinstance(leaf, Node)]
     inside = [leaf for leaf in operands if leaf in chain]
     outside = [_tensor(leaf) for leaf in operands if leaf not in chain]
     method = node.op == "call_method"
@@ -347,3 +335,11 @@ def fuse_twin_chains(graph: Graph) -> int:
     if fused:
         graph.lint()
     return fused
+
+
+def _layer_graphs(graph: Graph, where: Where) -> None:
+    if where is not Where.OUTSIDE:
+        fuse_twin_chains(graph)
+
+
+TWIN_CHAINS = Lowering("twin chains", graph_pass=_layer_graphs)

@@ -18,8 +18,8 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from ..kernels.stacked_linear import GEMV_MAX_TOKENS, MAX_SIBLINGS, bias_free_linear
-from .detect import example_value
+from ...fx.values import example_value
+from ...kernels.stacked_linear import GEMV_MAX_TOKENS, MAX_SIBLINGS, bias_free_linear
 
 
 def _decode_linear(node: Node) -> bool:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from ..kernels import HALF_DTYPES
-from ..kernels import float32_linear as _float32_linear  # noqa: F401  (registers snlp::float32_linear)
-from .detect import example_value
-from .rewrite import is_bias_free_linear
+from ...fx.values import example_value
+from ...kernels import HALF_DTYPES
+from ...kernels import float32_linear as _float32_linear  # noqa: F401  (registers snlp::float32_linear)
+from ..rewrite.lowering_list import Lowering, Where
+from .decode_kernels import is_bias_free_linear
 
 
 def _half_linear(node: Node) -> bool:
@@ -61,3 +62,11 @@ def fuse_float32_logits(graph: Graph) -> int:
         graph.erase_node(linear)
         fused += 1
     return fused
+
+
+def _outside(graph: Graph, where: Where) -> None:
+    if where is Where.OUTSIDE:
+        fuse_float32_logits(graph)
+
+
+FLOAT32_LOGITS = Lowering("float32 logits", graph_pass=_outside)

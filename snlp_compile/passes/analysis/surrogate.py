@@ -11,39 +11,36 @@ it can be evaluated once per call from the per-layer inputs, outside the Newton 
 from __future__ import annotations
 
 import logging
-import operator
-from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
 
-from .detect import Layer, example_value, flat_args
+from ...fx import ops
+from ...fx.args import flat_args
+from ...fx.values import example_value
+from ...solver.recipe import SurrogateRecipe
+from .stack import Layer
 
 logger = logging.getLogger("snlp_compile")
 
-_aten = torch.ops.aten
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", _aten.add.Tensor}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", _aten.sub.Tensor}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", _aten.mul.Tensor, _aten.mul.Scalar}
-_DIV = {operator.truediv, torch.div, "div", _aten.div.Tensor, _aten.div.Scalar}
-_MATMUL = {operator.matmul, torch.matmul, "matmul", _aten.matmul.default}
-_PASS = {"contiguous", "clone", "float", "to", "type_as", torch.clone, _aten.clone.default, _aten._to_copy.default}
+_ADD = ops.ADD | ops.ADD_
+_SUB = ops.SUB | ops.SUB_
+_MUL = ops.MUL | ops.MUL_
+_DIV = ops.DIV
+_MATMUL = ops.MATMUL
+_PASS = {
+    "contiguous",
+    "clone",
+    "float",
+    "to",
+    "type_as",
+    torch.clone,
+    torch.ops.aten.clone.default,
+    torch.ops.aten._to_copy.default,
+}
 
 BRANCH = "branch"  # depends on the state through a residual branch: ignored by the surrogate
 UNSUPPORTED = "unsupported"  # a skip path the surrogate cannot express (e.g. two skip paths summed)
-
-
-@dataclass(frozen=True)
-class SurrogateRecipe:
-    """J = product of factors, applied in order; a factor is ("scale" | "mix", ("input", k) | ("const", c))
-    where ("input", k) is the layer's k-th external input. No factors: the identity."""
-
-    factors: tuple = ()
-
-    @property
-    def kind(self) -> str:
-        kinds = {kind for kind, _ in self.factors}
-        return "mix" if "mix" in kinds else ("scale" if kinds else "identity")
 
 
 class SurrogateError(ValueError):
@@ -143,20 +140,3 @@ def choose_recipe(layer: Layer, requested: str) -> SurrogateRecipe:
         logger.warning("snlp: no skip path found in layer %d; using the identity surrogate (IDN)", layer.module_index)
         return SurrogateRecipe()
     return recipe
-
-
-def evaluate_recipe(recipe: SurrogateRecipe, inputs: list[torch.Tensor], n: int) -> torch.Tensor | None:
-    """J for n layers from their (stacked, leading axis n, or shared) inputs: None (identity),
-    [n] (scale) or [n, M, M] (mix). Scalars commute with the mixing, so they are kept apart."""
-    scale, matrix = None, None
-    for kind, (source, ref) in recipe.factors:
-        factor = torch.as_tensor(ref) if source == "const" else inputs[ref]
-        if kind == "scale":
-            factor = factor.reshape(-1).expand(n) if factor.numel() == 1 else factor.reshape(n)
-            scale = factor if scale is None else factor * scale
-        else:
-            factor = factor.expand(n, *factor.shape) if factor.dim() == 2 else factor
-            matrix = factor if matrix is None else factor @ matrix
-    if matrix is None:
-        return scale
-    return matrix if scale is None else scale.to(matrix.dtype)[:, None, None] * matrix

@@ -1,0 +1,244 @@
+"""Find the layer stack of a dynamo FX graph.
+
+Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` with the reason):
+
+- Layers are consecutive entries of one indexed module container (`blocks.3`, `blocks[3]`,
+  `_modules['3']` spellings), in graph order; glue the parent's loop applies between two layers
+  (nanochat's x0 mixing) belongs to the layer after it.
+- Each layer is a function of exactly one stack value, its state: `layers[l].state_out` feeds
+  only layer l+1, and every other input of a layer is computed without the stack (parameters,
+  constants, side inputs such as x0, rotary tables, masks). State in and out have equal
+  shape and dtype.
+- `Layer.nodes` holds only nodes that depend on the state; nodes of a layer that do not
+  (lambda lookups, mixing matrices, masks) stay in the graph and become the layer's inputs.
+- Layers with equal `key` have identical structure and input shapes: they can be evaluated
+  together with their per-layer inputs stacked on a leading axis.
+- The stack passes `checks.check_chain` (global state, gradient flow, writes, random draws).
+- A tensor the layer allocates and writes is in `Layer.nodes`, with what reads it: every
+  evaluation of the layer allocates its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from typing import Any
+
+from torch.fx import GraphModule, Node
+
+from ...fx.args import Use, flat_args
+from ...fx.closures import backward_closure, forward_closure
+from ...fx.values import freeze, value_signature
+from ...fx.writes import mutated_arg, written_roots
+from .checks import check_chain
+from .stack import Layer, LayerStackMatch, NotAStack
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _normalise(path: str) -> str:
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def layer_key(node: Node) -> tuple[str, int] | None:
+    """(container path, index) of the outermost indexed module the node was traced in."""
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        match = _INDEXED.match(_normalise(path))
+        if match:
+            return match.group(1), int(match.group(2))
+    return None
+
+
+def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Node]]:
+    """Structure of `nodes` (graph order) with state uses, internal refs and external slots
+    abstracted; returns (key, external inputs in first-use order)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    slots: dict[Node, int] = {}
+    items = []
+    for n in nodes:
+        args = []
+        for path, value in flat_args(n):
+            if isinstance(value, Node):
+                if (n, path) in state_uses:
+                    ref = ("state",)
+                elif value in index:
+                    ref = ("node", index[value])
+                else:
+                    ref = ("input", slots.setdefault(value, len(slots)))
+            else:
+                ref = ("const", freeze(value))
+            args.append((path, ref))
+        target = n.target if n.op != "call_module" else ("module", str(n.target))
+        items.append((n.op, target, tuple(args)))
+    inputs = list(slots)
+    return (tuple(items), tuple(value_signature(i) for i in inputs)), inputs
+
+
+def _uses_of(node: Node, users: set[Node]) -> set[Use]:
+    return {(u, p) for u in users for p, v in flat_args(u) if v is node}
+
+
+def _match_glue(pattern: Node, candidate: Node, glue: set[Node], state: Node, found: dict) -> bool:
+    """Backward structural match of a glue node of a later layer onto layer 0's graph."""
+    if pattern is state:
+        found.setdefault("state", candidate)
+        return found["state"] is candidate
+    if pattern not in glue:
+        return True
+    if (
+        candidate.op != pattern.op
+        or candidate.target != pattern.target
+        or layer_key(candidate) is not None
+        or candidate.op == "placeholder"
+    ):
+        return False
+    p_args, c_args = list(flat_args(pattern)), list(flat_args(candidate))
+    if [p for p, _ in p_args] != [p for p, _ in c_args]:
+        return False
+    found.setdefault("glue", set()).add(candidate)
+    for (path, p), (_, c) in zip(p_args, c_args, strict=True):
+        if isinstance(p, Node) != isinstance(c, Node):
+            return False
+        if isinstance(p, Node):
+            if p is state and pattern in glue:
+                found.setdefault("state_uses", set()).add((candidate, path))
+            if not _match_glue(p, c, glue, state, found):
+                return False
+        elif freeze(p) != freeze(c):
+            return False
+    return True
+
+
+def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
+    """Find the layer stack of `gm` or raise NotAStack with the reason."""
+    graph_nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(graph_nodes)}
+    keyed: dict[tuple[str, int], list[Node]] = defaultdict(list)
+    for n in graph_nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            key = layer_key(n)
+            if key is not None:
+                keyed[key].append(n)
+    if not keyed:
+        raise NotAStack("no node was traced inside an indexed module container (nn.ModuleList / nn.Sequential)")
+    counts = Counter(container for container, _ in keyed)
+    container, count = counts.most_common(1)[0]
+    if count < 2:
+        raise NotAStack(f"only one layer of {container} is in this graph")
+    indices = sorted(i for c, i in keyed if c == container)
+    if indices != list(range(indices[0], indices[0] + len(indices))):
+        raise NotAStack(f"the layers of {container} in this graph are not consecutive: {indices}")
+    regions = [set(keyed[(container, i)]) for i in indices]
+
+    outs = []
+    for i, region in zip(indices, regions, strict=True):
+        leaving = [n for n in region if any(u not in region for u in n.users)]
+        if len(leaving) != 1:
+            names = ", ".join(n.name for n in leaving) or "nothing"
+            raise NotAStack(
+                f"layer {container}.{i} passes {len(leaving)} values on ({names}); a stack layer passes one"
+            )
+        outs.append(leaving[0])
+
+    non_keyed = {n for n in graph_nodes if layer_key(n) is None and n.op != "placeholder"}
+    layers: list[Layer | None] = [None] * len(indices)
+    for pos in range(1, len(indices)):
+        prev_out, region = outs[pos - 1], regions[pos]
+        between = forward_closure({prev_out}, non_keyed)
+        glue = backward_closure(region, between)
+        full = glue | region
+        stray = [(n, u) for n in (prev_out, *glue) for u in n.users if u not in full]
+        if stray:
+            state, user = stray[0]
+            what = "the state" if state is prev_out else f"{state.name}, computed from the state"
+            raise NotAStack(
+                f"{what} leaving {container}.{indices[pos - 1]} is also used outside "
+                f"{container}.{indices[pos]} (by {user.name}): not a chain"
+            )
+        layers[pos] = _make_layer(indices[pos], full, prev_out, _uses_of(prev_out, full), outs[pos], position)
+    layers[0] = _first_layer(indices[0], regions, outs, layers, position)
+    excluded = []
+    if layers[0] is None:
+        excluded.append(indices[0])
+        layers = layers[1:]
+    check_chain(container, layers)
+    groups = _group(layers)
+    if len(layers) < 2:
+        raise NotAStack(f"fewer than two layers of {container} form a chain")
+    return LayerStackMatch(container, layers, groups, excluded)
+
+
+def _make_layer(
+    index: int, region: set[Node], state_in: Node, state_uses: set[Use], state_out: Node, position: dict
+) -> Layer:
+    # A tensor the layer allocates and writes in place is its scratch: allocated in every evaluation
+    # of the layer, never hoisted (shared by layers, kept across Newton iterations). Nodes reading a
+    # tensor the layer writes in place must run after the write: keep them in.
+    written = {mutated_arg(n) for n in region} - {None}
+    scratch = written_roots(region, region) & region
+    starts = {u for u, _ in state_uses} | scratch | {n for n in region if set(n.all_input_nodes) & written}
+    dependent = (starts | forward_closure(starts, region)) & region
+    if state_out not in dependent:
+        raise NotAStack(f"the output of layer {index} does not depend on its input")
+    nodes = sorted(dependent, key=position.__getitem__)
+    key, inputs = _canonical(nodes, state_uses)
+    return Layer(index, nodes, state_in, state_out, state_uses, inputs, (key, value_signature(state_in)))
+
+
+def _group(layers: list[Layer]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for pos, layer in enumerate(layers):
+        groups.setdefault(layer.key, []).append(pos)
+    return list(groups.values())
+
+
+def _match_onto_first(later: Layer, nodes: list[Node], nodes0: list[Node], region0: set[Node]) -> dict | None:
+    """Match a later layer's region (`nodes`, graph order) onto layer 0's (`nodes0`) node by node:
+    {"state": layer 0's state, "state_uses": its uses, "glue": layer 0's glue}, or None where the two
+    differ. An argument that is the later layer's state (or its glue) marks a state use in layer 0."""
+    if len(nodes) != len(nodes0):
+        return None
+    glue = set(later.nodes) - set(nodes)
+    index_of = {n: i for i, n in enumerate(nodes)}
+    found: dict = {"state_uses": set()}
+
+    def argument_matches(p: Node, c: Any, c_node: Node, path: tuple) -> bool:
+        if not isinstance(c, Node) or (p in index_of) != (c in region0):
+            return False
+        if p in index_of:
+            return nodes0[index_of[p]] is c
+        if p is later.state_in:
+            found["state_uses"].add((c_node, path))
+            return found.setdefault("state", c) is c
+        return p not in glue or _match_glue(p, c, glue, later.state_in, found)
+
+    for p_node, c_node in zip(nodes, nodes0, strict=True):
+        p_args, c_args = list(flat_args(p_node)), list(flat_args(c_node))
+        if (p_node.op, p_node.target) != (c_node.op, c_node.target) or [a for a, _ in p_args] != [a for a, _ in c_args]:
+            return None
+        pairs = zip(p_args, c_args, strict=True)
+        if not all(argument_matches(p, c, c_node, path) for (path, p), (_, c) in pairs if isinstance(p, Node)):
+            return None
+    return found if "state" in found else None
+
+
+def _first_layer(index: int, regions: list, outs: list, layers: list, position: dict) -> Layer | None:
+    """Layer 0 has no previous layer to delimit its glue and state: the first later layer that
+    matches onto it (`_match_onto_first`) gives them, even where layer 0's state is also a side
+    input (x0). None when no later layer matches, or layer 0's glue is used elsewhere too."""
+    nodes0 = sorted(regions[0], key=position.__getitem__)
+    for pos in range(1, len(regions)):
+        found = _match_onto_first(layers[pos], sorted(regions[pos], key=position.__getitem__), nodes0, regions[0])
+        if found is None:
+            continue
+        glue0 = found.get("glue", set())
+        full = regions[0] | glue0
+        if any(u not in full for g in glue0 for u in g.users):
+            return None
+        try:
+            return _make_layer(index, full, found["state"], found["state_uses"], outs[0], position)
+        except NotAStack:
+            return None
+    return None

@@ -1,0 +1,134 @@
+"""Layer-input canonicalisation and the plan of each layer group's input slots.
+
+Invariants: `canonical_inputs` maps a layer input to an earlier one only where both compute the same
+value (`fx.equality.same_value`) and nothing in between writes what they are computed from; an
+`InputSlot` of kind "shared" holds one value for every layer of the group, "slice" a view
+`base[slice]` of one tensor with each layer's value on its leading axis (so in-place writes reach
+the original), "stack" one node per layer, stacked at call time (or, for "cached" stack slots of
+graph inputs, once, by `runtime.StackedWeights`).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch.fx import Graph, Node
+
+from ...fx.closures import backward_closure
+from ...fx.equality import same_value
+from ...fx.values import example_value, specialised
+from ...fx.writes import mutated_arg, written_roots
+from ..analysis import Layer, LayerStackMatch, NotAStack
+
+
+def _roots(node: Node) -> set[Node]:
+    """The graph inputs (placeholders, get_attrs) whose values `node` is computed from."""
+    return {n for n in backward_closure({node}) | {node} if n.op in ("placeholder", "get_attr")}
+
+
+def canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
+    """Each layer input -> the first layer input that computes the same value (`same_value`) with no
+    in-place write to what it is computed from in between (e.g. every layer's rotary tables cast to
+    its dtype -> layer 0's): the rewritten graph computes each such value once, where an eager inner
+    compiler would run every copy on every call."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    writes = [(order[n], _roots(n)) for n in graph.nodes if mutated_arg(n) is not None]
+    canonical: dict[Node, Node] = {}
+    representatives: dict[tuple, list[Node]] = {}  # by (op, target): only computed values can repeat
+    for node in (n for layer in layers for n in layer.inputs):
+        if node in canonical:
+            continue
+        if node.op not in ("call_function", "call_method"):  # graph inputs (weights) are their own values
+            canonical[node] = node
+            continue
+        roots, candidates = _roots(node), representatives.setdefault((node.op, node.target), [])
+        canonical[node] = next(
+            (
+                r
+                for r in candidates
+                if same_value(r, node)
+                and not any(order[r] < at < order[node] and written & roots for at, written in writes)
+            ),
+            node,
+        )
+        if canonical[node] is node:
+            candidates.append(node)
+    return canonical
+
+
+def input_aliases(layers: list[Layer], members: list[int], canonical: dict[Node, Node]) -> list[int]:
+    """For each input slot of a group's layers, the first slot that holds the same value in every
+    member (`canonical_inputs`: e.g. the rotary tables cast once for q and once for k), so that the
+    layer graph reads one placeholder for both and its ops on them compare equal."""
+    inputs = [[canonical[n] for n in layers[p].inputs] for p in members]
+    return [next(j for j in range(k + 1) if all(x[j] is x[k] for x in inputs)) for k in range(len(inputs[0]))]
+
+
+def _one_number(nodes: list[Node]) -> bool:
+    """The nodes hold one Python number (`specialised`: a symbolic scalar the guards pin, such as an
+    unspecialised LayerNorm eps under dynamic=True), which a layer reads as a scalar: shared, never stacked."""
+    values = [specialised(example_value(n)) for n in nodes]
+    return isinstance(values[0], (int, float)) and all(type(v) is type(values[0]) and v == values[0] for v in values)
+
+
+def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
+    """(base, slice) when nodes are base[i0], base[i0 + d], ... (d >= 1), else None."""
+    picks = []
+    for n in nodes:
+        if n.op != "call_function" or len(n.args) != 2 or n.kwargs:
+            return None
+        if n.target is operator.getitem and isinstance(n.args[1], int) and not isinstance(n.args[1], bool):
+            picks.append((n.args[0], n.args[1]))
+        else:
+            return None
+    bases = {b for b, _ in picks}
+    idx = [i for _, i in picks]
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if len(bases) != 1 or step < 1 or idx != list(range(idx[0], idx[0] + step * len(idx), step)) or idx[0] < 0:
+        return None
+    return picks[0][0], slice(idx[0], idx[-1] + 1, step)
+
+
+@dataclass(frozen=True)
+class InputSlot:
+    """How input k of a layer group reaches its layers (see the module docstring): `value` is the node
+    (shared), (base, slice) (slice), the per-layer nodes (stack) or their placeholder positions
+    (cached); `batched`: it differs between the layers (a leading layer axis under vmap)."""
+
+    kind: str
+    value: object
+
+    @property
+    def batched(self) -> bool:
+        return self.kind != "shared"
+
+
+def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
+    """The input slots of each layer group; `cache_graph_inputs`: per-layer graph inputs (weights at
+    inference) are stacked once and kept current rather than stacked inside the graph on each call.
+    NotAStack where layers write an input whose per-layer copies are not slices of one tensor."""
+    layers, plans = match.layers, []
+    for members in match.groups:
+        rep = layers[members[0]]
+        written = written_roots(rep.nodes, set(rep.nodes)) - set(rep.nodes)  # the inputs it writes, through views too
+        slots = []
+        for k, node in enumerate(rep.inputs):
+            nodes = [layers[p].inputs[k] for p in members]
+            # an input the layers write is shared only where it is one node (a one-layer group): equal
+            # copies (views of one tensor) would take every layer's write into one unbatched tensor
+            if all(n is node if node in written else same_value(n, node) for n in nodes) or _one_number(nodes):
+                slots.append(InputSlot("shared", node))
+            elif (view := _view_slice(nodes)) is not None:
+                slots.append(InputSlot("slice", view))
+            elif node in written:
+                raise NotAStack(
+                    f"layer {rep.module_index} writes {node.name} in place, and the layers' copies "
+                    "of it are not slices of one tensor"
+                )
+            elif cache_graph_inputs and all(n.op == "placeholder" for n in nodes):
+                slots.append(InputSlot("cached", [gm_placeholders.index(n) for n in nodes]))
+            else:
+                slots.append(InputSlot("stack", nodes))
+        plans.append(slots)
+    return plans

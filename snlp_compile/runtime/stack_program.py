@@ -1,0 +1,98 @@
+"""The program that replaces a stack at call time: the SNLP solve over the layer graphs.
+
+Invariants: `StackProgram(state, per_layer, per_group)` returns what `solver.solve` returns for the
+stack whose layers the layer graphs compute; the n_seq sequential layers run one at a time from
+`per_layer`, the parallel ones as one vmapped call per layer group from `per_group` (inputs stacked
+on a leading axis where `batched` says they differ between the group's layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from ..config import SNLPConfig
+from ..solver import Surrogate, solve
+from ..solver.recipe import SurrogateRecipe, stack_surrogate
+from .traced_vmap import TracedVmap
+
+
+class LayerCalls:
+    """The solver's view (`solver.LayerStack`) of a rewritten stack for one call. `per_layer` holds
+    the inputs of the layers `solve` runs one at a time (the n_seq sequential ones), `per_group`
+    those of each layer group (stacked where they differ between members)."""
+
+    def __init__(self, program: StackProgram, per_layer: tuple, per_group: tuple):
+        self.program, self.per_layer, self.per_group = program, per_layer, per_group
+        self.surrogate = program.surrogate(per_group)
+
+    def __len__(self) -> int:
+        return len(self.program.group_of)
+
+    def layer(self, index: int, h: Tensor) -> Tensor:
+        if index >= len(self.per_layer):
+            raise IndexError(f"LayerCalls.layer: only the {len(self.per_layer)} sequential layers run one at a time")
+        return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
+
+    def layers(self, start: int, hs: Tensor) -> Tensor:
+        end = start + hs.shape[0]
+        parts = []
+        for g, members in enumerate(self.program.groups):
+            inside = [i for i, p in enumerate(members) if start <= p < end]
+            if not inside:
+                continue
+            a, b = inside[0], inside[-1] + 1
+            local = [members[i] - start for i in range(a, b)]
+            xs = hs if local == list(range(hs.shape[0])) else hs[torch.tensor(local, device=hs.device)]
+            batched = self.program.batched[g]
+            if b - a == 1:  # one layer: called as is (vmap could not write its unbatched in-place inputs)
+                args = [x[a] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
+                parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
+                continue
+            args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
+            parts.append((local, self.program.vmapped[g](xs, *args)))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = torch.empty_like(hs)
+        for local, ys in parts:
+            out = out.index_copy(0, torch.tensor(local, device=hs.device), ys)
+        return out
+
+
+class StackProgram(nn.Module):
+    """Runs the SNLP solve over the layer functions of a rewritten stack."""
+
+    def __init__(
+        self,
+        functions: list[GraphModule],
+        one_layer_functions: list[GraphModule] | None,
+        groups: list[list[int]],
+        batched: list[list[bool]],
+        recipes: list[SurrogateRecipe],
+        config: SNLPConfig,
+    ):
+        super().__init__()
+        self.functions = nn.ModuleList(functions)  # called under vmap for several layers at once
+        # for one layer at a time (sequential layers, one-layer blocks) where those take other kernels
+        self.one_layer_functions = None if one_layer_functions is None else nn.ModuleList(one_layer_functions)
+        self.groups, self.batched, self.recipes, self.config = groups, batched, recipes, config
+        # all layers of a group at once; replayed from a trace when the graph runs eagerly
+        self.vmapped = [
+            TracedVmap(f, (0, *[0 if on else None for on in bs])) for f, bs in zip(functions, batched, strict=True)
+        ]
+        self.group_of = [0] * sum(len(g) for g in groups)
+        for g, members in enumerate(groups):
+            for p in members:
+                self.group_of[p] = g
+
+    def one_layer_function(self, group: int) -> nn.Module:
+        """The layer function of `group` for a call on one layer (not under vmap)."""
+        return (self.one_layer_functions or self.functions)[group]
+
+    def surrogate(self, per_group: tuple) -> Surrogate:
+        """Per-layer J in stack order, evaluated once per call from the group inputs."""
+        return stack_surrogate(self.recipes, per_group, self.groups)
+
+    def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor:
+        return solve(LayerCalls(self, per_layer, per_group), state, self.config)
