@@ -24,13 +24,11 @@ def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()  # smoke runs set one thread
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.syspath_prepend(str(ROOT))
-            for script, grid in (("bench_forward", "headline"), ("bench_decode", "minimal")):
-                importlib.import_module(f"benchmarks.{script}").main(["--smoke", "--grid", grid, "--out", str(out)])
-            importlib.import_module("benchmarks.frontier").main(
-                ["--inputs", str(out / "forward.json"), str(out / "decode.json"), "--out", str(out)]
-            )
+        for script, grid in (("bench_forward", "headline"), ("bench_decode", "minimal")):
+            importlib.import_module(f"benchmarks.{script}").main(["--smoke", "--grid", grid, "--out", str(out)])
+        from benchmarks import frontier
+
+        frontier.main(["--inputs", str(out / "forward.json"), str(out / "decode.json"), "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     return out
@@ -73,11 +71,10 @@ def test_frontier(smoke_dir: Path) -> None:
     assert "### forward" in text and "### decode" in text and "snlp p4 F1 K1" in text
 
 
-def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    doc = importlib.import_module("benchmarks.bench_speculative").main(
-        ["--smoke", "--out", str(tmp_path), "--draft-len", "2"]
-    )
+def test_speculative_benchmark_smoke(tmp_path):
+    from benchmarks import bench_speculative
+
+    doc = bench_speculative.main(["--smoke", "--out", str(tmp_path), "--draft-len", "2"])
     modes = [r["mode"] for r in doc["rows"]]
     assert modes == ["sequential", "snlp", "speculative"]
     speculative = doc["rows"][-1]
@@ -85,9 +82,9 @@ def test_speculative_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "speculative.json").exists()
 
 
-def test_speculative_divergence_names_the_first_differing_token_and_its_logit_gap(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    divergence = importlib.import_module("benchmarks.bench_speculative").divergence
+def test_speculative_divergence_names_the_first_differing_token_and_its_logit_gap():
+    from benchmarks.bench_speculative import divergence
+
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny")).eval()
     reference = torch.randint(0, 64, (1, 9))
@@ -99,12 +96,12 @@ def test_speculative_divergence_names_the_first_differing_token_and_its_logit_ga
     assert divergence(model, reference, other, 5) == f"differs from new token 2 (top-2 logit gap {gap})"
 
 
-def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
+def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path):
     """The GPU variant list (built on any machine): baselines in priority order, the headline spec with and
     without CUDA graphs, with --max-autotune the autotuned baseline and autotuned timed SNLP variants, and with
     --max-autotune baseline the autotuned baseline alone."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    harness = importlib.import_module("benchmarks.harness")
+    from benchmarks import harness
+
     parser = argparse.ArgumentParser()
     harness.add_common_args(parser)
     names = {}
@@ -135,9 +132,9 @@ def test_gpu_variant_list_with_max_autotune_and_gemv(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("question", ["decode", "forward"])
-def test_profile_smoke(tmp_path, monkeypatch, question):
-    monkeypatch.syspath_prepend(str(ROOT))
-    profile = importlib.import_module("benchmarks.profile_gpu")
+def test_profile_smoke(tmp_path, question):
+    from benchmarks import profile_gpu as profile
+
     results = profile.main(["--smoke", "--question", question, "--snlp", "4:1", "4:1:gemv", "--out", str(tmp_path)])
     assert [r["variant"] for r in results] == ["dynamo-eager", "snlp p4 F1 K1", "snlp p4 F1 K1 gemv"]
     for r in results:
@@ -149,11 +146,12 @@ def test_profile_smoke(tmp_path, monkeypatch, question):
     assert profile.category("_stacked_gemv_kernel") == profile.category("triton_tem_fused_mm_0") == "gemm"
 
 
-def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu(monkeypatch):
+def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu():
     """bench_gemv's shapes are each preset's decode linears (q, k and v as siblings of one launch, for
     the stack and one layer, and the LM head); both kernel benchmarks refuse to run without CUDA."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    shapes = importlib.import_module("benchmarks.bench_gemv").shapes("paper-0.5b", 24)
+    from benchmarks.bench_gemv import shapes as decode_shapes
+
+    shapes = decode_shapes("paper-0.5b", 24)
     assert [(r["linear"], r["layers"]) for r in shapes] == [
         *[(name, layers) for layers in (24, 1) for name in ("q+k+v", "o", "mlp in", "mlp out")],
         ("lm head", 1),
@@ -172,10 +170,8 @@ def test_kernel_benchmarks_list_every_decode_shape_and_need_a_gpu(monkeypatch):
         assert done.returncode == 2 and "needs a GPU" in done.stderr
 
 
-def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_stack(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    timing = importlib.import_module("benchmarks.timing")
-    report = importlib.import_module("benchmarks.report")
+def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_stack():
+    from benchmarks import grids, report, timing
 
     def time_us(config: int) -> float:
         if config == 2:
@@ -192,15 +188,14 @@ def test_kernel_sweeps_skip_configs_that_cannot_launch_and_take_the_headline_sta
     assert report.kernel_table([row], ["us"], lambda r: ["1"], sweep=False).split() == ["us", "--", "1"]
     with pytest.raises(RuntimeError, match="none of the 1 launch configs ran"):
         timing.best_launch_config(time_us, [2])
-    grids = importlib.import_module("benchmarks.grids")
     assert [grids.headline_n_par(p) for p in ("d20", "paper-0.5b", "char")] == [20, 24, 8]
 
 
-def test_eager_interleaved_smoke(tmp_path, monkeypatch):
+def test_eager_interleaved_smoke(tmp_path):
     """Alternating rounds (eager first in even rounds), one paired ratio per round, pooled and paired
     summaries, the JSON and the plot; bad arguments are refused with the valid range."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    bench = importlib.import_module("benchmarks.bench_eager_interleaved")
+    from benchmarks import bench_eager_interleaved as bench
+
     threads = torch.get_num_threads()
     try:
         doc = bench.main(["--smoke", "--rounds", "3", "--calls", "2", "--warmup", "1", "--out", str(tmp_path)])
@@ -221,12 +216,11 @@ def test_eager_interleaved_smoke(tmp_path, monkeypatch):
         bench.main(["--smoke", "--rounds", "0", "--out", str(tmp_path)])
 
 
-def test_dynamo_limits_are_raised_only_while_a_variant_runs(tmp_path, monkeypatch):
+def test_dynamo_limits_are_raised_only_while_a_variant_runs(tmp_path):
     """Building a Bench leaves dynamo's recompile limits alone; compile_limits raises them for one run and
     restores them after, also when the run fails."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    harness = importlib.import_module("benchmarks.harness")
-    variants = importlib.import_module("benchmarks.variants")
+    from benchmarks import harness, variants
+
     config = torch._dynamo.config
     before = (config.recompile_limit, config.accumulated_recompile_limit)
     parser = argparse.ArgumentParser()

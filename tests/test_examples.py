@@ -1,19 +1,17 @@
 """The example scripts (train_char_lm, eval_snlp) and the speculative benchmark on a tiny run."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import eval_snlp  # noqa: E402
-import train_char_lm  # noqa: E402
+from tests.helpers.examples import load_example
+
+train_char_lm = load_example("train_char_lm")  # first: eval_snlp imports it by name
+eval_snlp = load_example("eval_snlp")
 
 
-def test_example_scripts_smoke(tmp_path, monkeypatch):
+def test_example_scripts_smoke(tmp_path):
     data = tmp_path / "text.txt"
     data.write_text("".join(f"line {i}: to be or not to be.\n" for i in range(300)))
     tiny_run = ["--preset", "tiny", "--n-layer", "2", "--data", str(data), "--batch", "2", "--seq", "16"]
@@ -40,8 +38,9 @@ def test_example_scripts_smoke(tmp_path, monkeypatch):
         assert results[exact]["top1_agreement"] == 1.0
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the checkpoint drafts for itself
-    doc = importlib.import_module("benchmarks.bench_speculative").main(
+    from benchmarks import bench_speculative
+
+    doc = bench_speculative.main(  # the checkpoint drafts for itself
         ["--smoke", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--prompt-data", str(data)]
         + ["--context", "6", "--new-tokens", "5", "--n-par", "1", "--draft-len", "2", "--out", str(tmp_path / "spec")]
     )

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from reference import solver_logits
 
 import snlp_compile
 from snlp_compile import SNLPConfig
 from snlp_compile.backends import dynamo
 from snlp_compile.models import GPT, MHCGPT, GPTConfig, StaticKVCache
+from tests.helpers.reference import solver_logits
 
 VARIANTS = [
     (GPT, {}),

@@ -5,12 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from imports import imported_modules
 from torch import Tensor, nn
 
 import snlp_compile.decoding
 from snlp_compile import SNLPConfig, generate, stream
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
+from tests.helpers.imports import imported_modules
 
 N_LAYER, WIDTH, HEADS, VOCAB, CONTEXT = 3, 16, 2, 32, 24
 EXACT = SNLPConfig(iters=N_LAYER, inner="eager", fallback="error", prefill="sequential")  # iters = n_layer

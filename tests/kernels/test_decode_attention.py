@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from triton_interpreter import run_under_interpreter
 
 from snlp_compile.passes.lowering.decode_kernels import decode_attention_call as _decode_attention
+from tests.helpers.triton_interpreter import run_under_interpreter
 
 
 def test_decode_kernels_under_the_interpreter():

@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 import torch
-from triton_interpreter import run_under_interpreter
 
 from snlp_compile.kernels.rms_norm import _runs_triton, rms_norm
+from tests.helpers.triton_interpreter import run_under_interpreter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,9 +4,9 @@ import textwrap
 
 import pytest
 import torch
-from triton_interpreter import run_under_interpreter
 
 from snlp_compile.kernels.rotary import TableRows, reference_rotary, rotary, table_rows
+from tests.helpers.triton_interpreter import run_under_interpreter
 
 
 def _tables(*shape: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from triton_interpreter import run_under_interpreter
 
 from snlp_compile import SNLPConfig
 from snlp_compile.kernels.stacked_linear import gemv_tiles, linear, reference_stacked_linear, stacked_linear
 from snlp_compile.models import GPT, GPTConfig
+from tests.helpers.triton_interpreter import run_under_interpreter
 
 
 def test_triton_kernel_under_the_interpreter():

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from imports import imported_modules
 from torch._inductor.utils import run_and_get_code
 
 import snlp_compile.models
 from snlp_compile.models import GPT, StaticKVCache
+from tests.helpers.imports import imported_modules
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from dynamo_graphs import traced
 from torch import nn
 
 from snlp_compile.fx.randomness import random_op
 from snlp_compile.fx.writes import written_arg
+from tests.helpers.dynamo_graphs import traced
 
 WIDTH, DEPTH = 8, 4
 FALLBACK = "snlp: running this graph unmodified: "

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from dynamo_graphs import traced
 
 import snlp_compile.passes.lowering.eager_kernels as rewrite
 from snlp_compile.models import GPT, GPTConfig
 from snlp_compile.passes.lowering.rotary import fuse_rotary
+from tests.helpers.dynamo_graphs import traced
 
 
 def _fused(fn, x_shape=(2, 7, 3, 16), table_shape=(7, 1, 8)) -> int:

@@ -5,10 +5,10 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from dynamo_graphs import traced
 from torch.fx import GraphModule
 
 from snlp_compile.passes.lowering.twin_chains import fuse_twin_chains
+from tests.helpers.dynamo_graphs import traced
 
 
 def _ops(gm: GraphModule) -> int:
@@ -25,12 +25,14 @@ def _strides(t: torch.Tensor) -> list[int]:
 def _fused(fn, *inputs: torch.Tensor) -> tuple[int, int, int]:
     """(chains fused, dispatches before, after), checking that the outputs keep their values (up to a
     CPU kernel's vectorised and scalar rounding), signs of zero and strides, that the inputs end as
-    they did, and that every new node carries its traced value."""
+    they did, that every new node carries its traced value and that the graph is unchanged when no
+    chain was fused."""
     gm, inputs = traced(fn, *inputs)
-    originals = {node for node in gm.graph.nodes}
+    originals, graph = {node for node in gm.graph.nodes}, str(gm.graph)
     copies = [t.clone() for t in inputs]
     expected, before = gm(*copies), _ops(gm)
     fused = fuse_twin_chains(gm.graph)
+    assert fused or str(gm.graph) == graph, "no chain fused, yet the graph changed"
     gm.recompile()
     again = [t.clone() for t in inputs]
     for got, want in zip(gm(*again), expected, strict=True):
@@ -163,7 +165,8 @@ def test_ops_that_do_not_take_their_size_from_the_chain_are_not_fused():
     def fn(a, b, s, t):  # t.to(x) reads x only for its dtype: its size comes from t
         return t.to(a * s).exp().tanh().sigmoid(), t.to(b * s).exp().tanh().sigmoid()
 
-    _fused(fn, torch.randn(1, 6), torch.randn(3, 6), torch.randn(6), torch.randn(1, 6))
+    fused, before, after = _fused(fn, torch.randn(1, 6), torch.randn(3, 6), torch.randn(6), torch.randn(1, 6))
+    assert fused == 1 and after == before - 1  # the muls and to()s stay apart: 3 pairs -> cat + 3 ops + split
 
 
 def test_zero_and_negative_zero_are_different_operands():
