@@ -1,7 +1,8 @@
 """The program that replaces a stack at call time: the SNLP solve over the layer graphs.
 
 Invariants: `StackProgram(state, per_layer, per_group)` returns what `solver.solve` returns for the
-stack whose layers the layer graphs compute; the n_seq sequential layers run one at a time from
+stack whose layers the layer graphs compute (with taps, a tuple: that state first, then the
+`solver.solve_states` estimates of the tapped states); the n_seq sequential layers run one at a time from
 `per_layer`, the parallel ones as one vmapped call per layer group from `per_group` (inputs stacked
 on a leading axis where `batched` says they differ between the group's layers).
 """
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from ..config import SNLPConfig
-from ..solver import Surrogate, solve
+from ..solver import Surrogate, solve, solve_states
 from ..solver.recipe import SurrogateRecipe, stack_surrogate
 from .traced_vmap import TracedVmap
 
@@ -71,8 +72,10 @@ class StackProgram(nn.Module):
         batched: list[list[bool]],
         recipes: list[SurrogateRecipe],
         config: SNLPConfig,
+        taps: list[int] | None = None,
     ):
         super().__init__()
+        self.taps = list(taps or [])  # positions whose states the call returns after the final one
         self.functions = nn.ModuleList(functions)  # called under vmap for several layers at once
         # for one layer at a time (sequential layers, one-layer blocks) where those take other kernels
         self.one_layer_functions = None if one_layer_functions is None else nn.ModuleList(one_layer_functions)
@@ -94,5 +97,9 @@ class StackProgram(nn.Module):
         """Per-layer J in stack order, evaluated once per call from the group inputs."""
         return stack_surrogate(self.recipes, per_group, self.groups)
 
-    def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor:
-        return solve(LayerCalls(self, per_layer, per_group), state, self.config)
+    def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor | tuple[Tensor, ...]:
+        """The final state, or (final state, *the tapped states) where the stack has taps."""
+        calls = LayerCalls(self, per_layer, per_group)
+        if not self.taps:
+            return solve(calls, state, self.config)
+        return tuple(solve_states(calls, state, self.config, [len(calls) - 1, *self.taps]))

@@ -43,11 +43,14 @@ class Surrogate:
     """Per-layer Jacobian surrogates J_l of a stack of n layers.
 
     kind "identity": J = I (values None); "scale": J = a_l * I (values [n]); "mix": J = H_l acting
-    on the stream axis (values [n, M, M]; states are [..., M, d] and J h = H_l @ h).
+    on the stream axis (values [n, M, M]). `stream` = (dim, inner) says where the M streams are in a
+    state: dim `dim` (negative) of the state, split as (outer, M, inner), so the default (-2, 1) is a
+    state [..., M, d] with J h = H_l @ h, and (-3, 1) streams folded into the batch of [B * M, T, d].
     """
 
     kind: str = "identity"
     values: Tensor | None = None
+    stream: tuple[int, int] = (-2, 1)
 
     def __post_init__(self) -> None:
         if self.kind not in SURROGATE_KINDS:
@@ -60,7 +63,7 @@ class Surrogate:
             raise ValueError(f"mix surrogate values must be [n, M, M], got {tuple(self.values.shape)}")
 
     def __getitem__(self, index: slice) -> Surrogate:
-        return self if self.values is None else Surrogate(self.kind, self.values[index])
+        return self if self.values is None else Surrogate(self.kind, self.values[index], self.stream)
 
     def apply(self, x: Tensor) -> Tensor:
         """J_i x_i for every i along the leading axis of x (which matches the values' length)."""
@@ -69,7 +72,12 @@ class Surrogate:
         if self.kind == "scale":
             return self.values.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * x
         mix = self.values.to(x.dtype)
-        return mix.reshape(mix.shape[0], *([1] * (x.dim() - 3)), *mix.shape[1:]) @ x
+        if self.stream == (-2, 1):
+            return mix.reshape(mix.shape[0], *([1] * (x.dim() - 3)), *mix.shape[1:]) @ x
+        dim, inner = self.stream
+        streams = x.unflatten(dim, (-1, mix.shape[-1], inner)).movedim(dim - 1, -1)  # [n, ..., M]
+        mixed = torch.einsum("n...j,nij->n...i", streams, mix)
+        return mixed.movedim(-1, dim - 1).reshape(x.shape)
 
     def compose(self, sizes: Sequence[int]) -> tuple[Surrogate, Surrogate]:
         """For consecutive groups of `sizes` layers: (W, A) with W_j = product of the J of the
@@ -89,7 +97,10 @@ class Surrogate:
             after.extend(reversed(members))
             whole.append(acc)
             start += size
-        return Surrogate(self.kind, torch.stack(after)), Surrogate(self.kind, torch.stack(whole))
+        return (
+            Surrogate(self.kind, torch.stack(after), self.stream),
+            Surrogate(self.kind, torch.stack(whole), self.stream),
+        )
 
 
 IDENTITY = Surrogate()
@@ -233,8 +244,17 @@ def _block_iterates(
         yield corrected[-1], u
 
 
-def _solve_block(stack: LayerStack, start: int, sizes: list[int], x: Tensor, config: SNLPConfig, iters: int) -> Tensor:
-    """K >= 1 Newton iterations over one block (at most `exact_iters`); returns the block output. The
+def _solve_block(
+    stack: LayerStack,
+    start: int,
+    sizes: list[int],
+    x: Tensor,
+    config: SNLPConfig,
+    iters: int,
+    inside: Sequence[int] = (),
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """K >= 1 Newton iterations over one block (at most `exact_iters`); returns the block output and the
+    states after the layers in `inside` (super-layer ends before the block's last). Without those, the
     last iteration computes only the output's correction (`_scan_last`), as nothing reads its inputs."""
     iters = min(iters, exact_iters(len(sizes), config.init))
     if iters == 1:
@@ -242,7 +262,21 @@ def _solve_block(stack: LayerStack, start: int, sizes: list[int], x: Tensor, con
     else:
         u = next(itertools.islice(_block_iterates(stack, start, sizes, x, config), iters - 2, None))[1]
     outputs, r = _evaluate(stack, start, sizes, u)
-    return _scan_last(_block_surrogate(stack, start, sizes), 1.0 - config.damping, outputs[-1], r)
+    whole, c = _block_surrogate(stack, start, sizes), 1.0 - config.damping
+    if not inside:
+        return _scan_last(whole, c, outputs[-1], r), {}
+    corrected = _scan(whole, c, outputs, r)
+    ends = [start + e - 1 for e in itertools.accumulate(sizes)]
+    return corrected[-1], {p: corrected[ends.index(p)] for p in inside}
+
+
+def pinned_states(num_layers: int, config: SNLPConfig) -> set[int]:
+    """The layers after which the solve has a state of its own (`solve_states` can return it): every
+    sequential layer and the last layer of every super-layer; a state inside a fused super-layer is not."""
+    pinned = set(range(config.n_seq))
+    for start, sizes in schedule(num_layers, config):
+        pinned.update(start + e - 1 for e in itertools.accumulate(sizes))
+    return pinned
 
 
 def solve_traces(
@@ -290,11 +324,24 @@ def solve_trace(stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: int | 
     return solve_traces(stack, h0, config, [iters])[iters]
 
 
-def solve(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Tensor:
-    """The SNLP solve: the final state after all layers."""
-    h = h0
+def solve_states(stack: LayerStack, h0: Tensor, config: SNLPConfig, positions: Sequence[int]) -> list[Tensor]:
+    """The SNLP solve's state after each layer of `positions` (each in `pinned_states`; ValueError
+    otherwise), in one solve: exact where `solve` is, and the states before the last are taps."""
+    unpinned = sorted(set(positions) - pinned_states(len(stack), config))
+    if unpinned:
+        raise ValueError(f"layers {unpinned} end inside a fused super-layer: the solve has no state after them")
+    wanted, states, h = set(positions), {}, h0
     for i in range(config.n_seq):
         h = stack.layer(i, h)
+        states[i] = h
     for start, sizes in schedule(len(stack), config):
-        h = _solve_block(stack, start, sizes, h, config, config.iters)
-    return h
+        end = start + sum(sizes) - 1
+        h, found = _solve_block(stack, start, sizes, h, config, config.iters, sorted(wanted & set(range(start, end))))
+        states.update(found)
+        states[end] = h
+    return [states[p] for p in positions]
+
+
+def solve(stack: LayerStack, h0: Tensor, config: SNLPConfig) -> Tensor:
+    """The SNLP solve: the final state after all layers."""
+    return solve_states(stack, h0, config, [len(stack) - 1])[0]

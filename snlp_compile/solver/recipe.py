@@ -18,23 +18,32 @@ from .core import IDENTITY, Surrogate
 
 @dataclass(frozen=True)
 class SurrogateRecipe:
-    """J = product of factors, applied in order; a factor is ("scale" | "mix", ("input", k) | ("const", c))
-    where ("input", k) is the layer's k-th external input. No factors: the identity."""
+    """J = product of factors, applied in order; a factor is ("scale", operand) or ("mix", operand,
+    stream, transposed), an operand ("input", k) (the layer's k-th external input) or ("const", c);
+    a mix factor's matrix acts on the streams where `stream` says (`Surrogate.stream`), transposed
+    where the graph contracts its first index. No factors: the identity."""
 
     factors: tuple = ()
 
     @property
     def kind(self) -> str:
-        kinds = {kind for kind, _ in self.factors}
+        kinds = {factor[0] for factor in self.factors}
         return "mix" if "mix" in kinds else ("scale" if kinds else "identity")
+
+    @property
+    def stream(self) -> tuple[int, int] | None:
+        """Where the mix factors' streams are (all agree), None without mixing."""
+        return next((factor[2] for factor in self.factors if factor[0] == "mix"), None)
 
 
 def evaluate_recipe(recipe: SurrogateRecipe, inputs: list[torch.Tensor], n: int) -> torch.Tensor | None:
     """J for n layers from their (stacked, leading axis n, or shared) inputs: None (identity),
     [n] (scale) or [n, M, M] (mix). Scalars commute with the mixing, so they are kept apart."""
     scale, matrix = None, None
-    for kind, (source, ref) in recipe.factors:
+    for kind, (source, ref), *mixing in recipe.factors:
         factor = torch.as_tensor(ref) if source == "const" else inputs[ref]
+        if kind == "mix" and mixing[1]:  # transposed
+            factor = factor.transpose(-1, -2)
         if kind == "scale":
             factor = factor.reshape(-1).expand(n) if factor.numel() == 1 else factor.reshape(n)
             scale = factor if scale is None else factor * scale
@@ -57,6 +66,7 @@ def stack_surrogate(
         return IDENTITY
     values = [evaluate_recipe(r, list(inputs), len(m)) for r, inputs, m in zip(recipes, per_group, groups, strict=True)]
     ref = next(v for v in values if v is not None)
+    stream = next((r.stream for r in recipes if r.stream is not None), (-2, 1))
     if "mix" in kinds:
         kind, size = "mix", next(v.shape[-1] for v, r in zip(values, recipes, strict=True) if r.kind == "mix")
         eye = torch.eye(size, dtype=ref.dtype, device=ref.device)
@@ -74,4 +84,4 @@ def stack_surrogate(
     stacked = torch.cat(values)
     if order != list(range(len(order))):
         stacked = torch.empty_like(stacked).index_copy(0, torch.tensor(order, device=stacked.device), stacked)
-    return Surrogate(kind, stacked)
+    return Surrogate(kind, stacked, stream)

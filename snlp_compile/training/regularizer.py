@@ -38,16 +38,18 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..config import SNLPConfig, check_int, int_range, is_int_in
-from ..solver import CallableStack, solve_traces
+from ..solver import IDENTITY, CallableStack, solve_traces
 from .traced_stack import TracedStack, trace_stack
 
 
-def relative_error(approx: Tensor, target: Tensor) -> Tensor:
+def relative_error(approx: Tensor, target: Tensor, last_axis: bool = False) -> Tensor:
     """Mean over tokens of ||approx_t - target_t|| / ||target_t||, in float32; a token is one index of
-    the two leading (batch, position) axes, its vector the rest (the last axis for a 2-D state)."""
-    start = min(2, target.dim() - 1)
+    the two leading (batch, position) axes, its vector the rest (the last axis for a 2-D state).
+    `last_axis`: the paper's form instead, a vector per index of every axis but the last, with the
+    norm clamped at 1e-6."""
+    start = target.dim() - 1 if last_axis else min(2, target.dim() - 1)
     diff = (approx - target).float().flatten(start)
-    norm = torch.linalg.vector_norm(target.float().flatten(start), dim=-1).clamp_min(1e-12)
+    norm = torch.linalg.vector_norm(target.float().flatten(start), dim=-1).clamp_min(1e-6 if last_axis else 1e-12)
     return (torch.linalg.vector_norm(diff, dim=-1) / norm).mean()
 
 
@@ -164,8 +166,45 @@ class SNLPRegularizer:
         self._forward: tuple[tuple, dict, tuple[str, bool, torch.dtype]] | None = None
         self._outputs: dict[int, Tensor] = {}
         self._handles = []
+        self._paper_stride: int | None = None  # the paper's form (`paper`) with this stride, else ours
         if self.weight > 0:
             self._handles.append(model.register_forward_pre_hook(self._capture_forward, with_kwargs=True))
+
+    @classmethod
+    def paper(
+        cls,
+        model: nn.Module,
+        weight: float,
+        n_par: int | Sequence[int],
+        stride: int = 0,
+        surrogate: str = "auto",
+        detach_target: bool = False,
+        warmup_steps: int = 0,
+    ) -> SNLPRegularizer:
+        """The regulariser of the SNLP paper's code, term for term: K = 1 from the block input (init h0);
+        J = I for residual models and the H_res product for stream-mixing ones (a lambda-scaled skip path
+        counts as I, as the paper's IDN; surrogate="identity" forces I); the loss is weight times the SUM
+        over the n_par values and over the scored layers of the per-vector relative error (norm over the
+        last axis, clamped at 1e-6). Scored: with stride s > 0 the layers j >= 1 of the parallel part
+        with (j + 1) % s == 0, and always the last; with stride 0 the last layer alone, which with J = I
+        is the last layer run on the block input (the paper's original form), with mixing the K = 1 solve.
+
+        The default form averages where this sums: `weight=w` here is `weight=w * len(n_par) * scored`
+        there (scored: the layers scored per n_par, 1 with stride 0) when each n_par scores as many."""
+        reg = cls(
+            model,
+            weight,
+            n_par=n_par,
+            stride=0,
+            iters=1,
+            init="h0",
+            detach_target=detach_target,
+            warmup_steps=warmup_steps,
+            surrogate=surrogate,
+        )
+        check_int("SNLPRegularizer.paper stride", stride, 0)
+        reg._paper_stride = stride
+        return reg
 
     def _capture_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if SNLPRegularizer._tracing:
@@ -261,7 +300,8 @@ class SNLPRegularizer:
             terms = [term for n in n_par for term in self._gaps(stack, state, inputs, trace, n)]
         if not terms:
             return torch.zeros((), device=self._device)
-        return scale * torch.stack(terms).sum() / (len(n_par) * len(self.iters))
+        total = torch.stack(terms).sum()
+        return scale * total if self._paper_stride is not None else scale * total / (len(n_par) * len(self.iters))
 
     def _sequential_trace(
         self, stack: TracedStack, state: Tensor, inputs: list[list[Any]], outputs: dict[int, Tensor]
@@ -277,6 +317,15 @@ class SNLPRegularizer:
             trace.append(state)
         return trace
 
+    def _scored(self, n_par: int) -> list[int]:
+        """The positions in the parallel part whose states the loss scores."""
+        stride = self.stride if self._paper_stride is None else self._paper_stride
+        if stride == 0:
+            return [n_par - 1]
+        if self._paper_stride is None:
+            return list(range(stride - 1, n_par, stride))
+        return [j for j in range(1, n_par) if (j + 1) % stride == 0 or j == n_par - 1]
+
     def _gaps(
         self, stack: TracedStack, state: Tensor, inputs: list[list[Any]], trace: list[Tensor], n_par: int
     ) -> list[Tensor]:
@@ -290,12 +339,18 @@ class SNLPRegularizer:
         def layer(p: int) -> Callable[[Tensor], Tensor]:
             return lambda h: stack.layers[p](h, *inputs[p])
 
-        solver_stack = CallableStack([layer(p) for p in range(first, len(stack))], stack.surrogate(inputs, first))
+        surrogate = stack.surrogate(inputs, first)
+        if self._paper_stride is not None and surrogate.kind != "mix":
+            surrogate = IDENTITY  # the paper's IDN: J = I even where a lambda scales the skip path
+        solver_stack = CallableStack([layer(p) for p in range(first, len(stack))], surrogate)
         h0 = trace[first - 1] if first > 0 else state
-        scored = [n_par - 1] if self.stride == 0 else list(range(self.stride - 1, n_par, self.stride))
+        scored = self._scored(n_par)
         targets = [trace[first + j] for j in scored]
         if self.detach_target:
             targets = [t.detach() for t in targets]
+        paper = self._paper_stride is not None
+        if paper and self._paper_stride == 0 and surrogate.kind == "identity":  # the last layer on the block input
+            return [relative_error(solver_stack.layer(n_par - 1, h0), targets[0], last_axis=True)]
 
         def solve(h0: Tensor) -> dict[int, dict[int, Tensor]]:  # the counts share iterations
             return solve_traces(solver_stack, h0, self.config, counts)
@@ -304,6 +359,8 @@ class SNLPRegularizer:
         traces = recompute(solve, h0, use_reentrant=False) if self.checkpoint else solve(h0)
         gaps = []
         for iters in counts:
-            errors = [relative_error(traces[iters][j], target) for j, target in zip(scored, targets, strict=True)]
-            gaps.append(torch.stack(errors).mean())
+            errors = [
+                relative_error(traces[iters][j], t, last_axis=paper) for j, t in zip(scored, targets, strict=True)
+            ]
+            gaps.append(torch.stack(errors).sum() if paper else torch.stack(errors).mean())
         return gaps

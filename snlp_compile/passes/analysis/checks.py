@@ -19,6 +19,7 @@ from torch.fx import Node
 from torch.utils import _pytree as pytree
 
 from ...fx.closures import forward_closure
+from ...fx.equality import is_pure
 from ...fx.randomness import random_op
 from ...fx.values import example_value, value_signature
 from ...fx.writes import alias_roots, written_arg
@@ -139,3 +140,24 @@ def check_chain(container: str, layers: list[Layer]) -> None:
                 raise NotAStack(
                     f"{node.name} in layer {container}.{layer.module_index} writes {read.name}, which other layers read"
                 )
+
+
+def tap_readers(layers: list[Layer], taps: list[int]) -> list[Node]:
+    """The nodes outside the stack computed from a tapped state that come before the stack's last node, in
+    graph order: the rewrite runs them after the solve, which gives them their value."""
+    inside = {n for layer in layers for n in layer.nodes}
+    readers = forward_closure({layers[p].state_out for p in taps}) - inside
+    order = {n: i for i, n in enumerate(layers[-1].state_out.graph.nodes)}
+    end = order[layers[-1].state_out]
+    return sorted((n for n in readers if order[n] < end), key=order.__getitem__)
+
+
+def check_taps(container: str, layers: list[Layer], taps: list[int]) -> None:
+    """What reads a tapped state before the stack ends moves after the solve: it must have no effect (a
+    random draw or an in-place write would be reordered against the stack's own)."""
+    for node in tap_readers(layers, taps):
+        if not is_pure(node):
+            raise NotAStack(
+                f"{node.name} reads a state inside the stack {container} and has an effect (an in-place write, a "
+                "random draw or a module call): running it after the parallel solve would reorder it"
+            )

@@ -30,7 +30,7 @@ from ...fx.args import Use, flat_args
 from ...fx.closures import backward_closure, forward_closure
 from ...fx.values import freeze, value_signature
 from ...fx.writes import mutated_arg, written_roots
-from .checks import check_chain
+from .checks import check_chain, check_taps
 from .stack import Layer, LayerStackMatch, NotAStack
 
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
@@ -149,13 +149,16 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
         between = forward_closure({prev_out}, non_keyed)
         glue = backward_closure(region, between)
         full = glue | region
+        # the state itself may be read outside the stack (a tap); by another layer, or through glue, not
         stray = [(n, u) for n in (prev_out, *glue) for u in n.users if u not in full]
+        stray = [(n, u) for n, u in stray if n is not prev_out or layer_key(u) is not None]
         if stray:
             state, user = stray[0]
             what = "the state" if state is prev_out else f"{state.name}, computed from the state"
             raise NotAStack(
                 f"{what} leaving {container}.{indices[pos - 1]} is also used outside "
-                f"{container}.{indices[pos]} (by {user.name}): not a chain"
+                f"{container}.{indices[pos]} (by {user.name}): not a chain (a layer that reads an older state "
+                "than its input is inherently sequential)"
             )
         layers[pos] = _make_layer(indices[pos], full, prev_out, _uses_of(prev_out, full), outs[pos], position)
     layers[0] = _first_layer(indices[0], regions, outs, layers, position)
@@ -167,7 +170,15 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
     groups = _group(layers)
     if len(layers) < 2:
         raise NotAStack(f"fewer than two layers of {container} form a chain")
-    return LayerStackMatch(container, layers, groups, excluded)
+    taps = _taps(layers)
+    check_taps(container, layers, taps)
+    return LayerStackMatch(container, layers, groups, excluded, taps)
+
+
+def _taps(layers: list[Layer]) -> list[int]:
+    """The positions of the layers before the last whose output state is also read outside the stack."""
+    inside = {n for layer in layers for n in layer.nodes}
+    return [p for p, layer in enumerate(layers[:-1]) if any(u not in inside for u in layer.state_out.users)]
 
 
 def _make_layer(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from ...config import SNLPConfig
-from ...solver import useful_iters
+from ...solver import pinned_states, useful_iters
 from ...solver.recipe import SurrogateRecipe
 from .detect import detect_layer_stack
 from .stack import LayerStackMatch, NotAStack
@@ -55,6 +55,13 @@ def analyse(gm: GraphModule, config: SNLPConfig) -> StackPlan:
         raise NotAStack("this graph resumes after a graph break, so the layer stack may be split across graphs")
     config = config.replace(n_seq=max(0, config.n_seq - len(match.excluded)))
     config.check_depth(len(match.layers))
+    unpinned = sorted(set(match.taps) - pinned_states(len(match.layers), config))
+    if unpinned:
+        indices = [match.layers[p].module_index for p in unpinned]
+        raise NotAStack(
+            f"the states after layers {indices} of {match.container} are read outside the stack, and with "
+            f"fuse={config.fuse} they lie inside a fused super-layer, where the solve has no state of its own"
+        )
     recipes = [choose_recipe(match.layers[m[0]], config.surrogate) for m in match.groups]
     config, capped = cap_iters(config, len(match.layers))
     return StackPlan(match, recipes, config, capped)

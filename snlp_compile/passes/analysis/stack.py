@@ -35,15 +35,19 @@ class Layer:
 class LayerStackMatch:
     """The stack: consecutive `layers` of `container`; `groups` lists the positions of layers with
     one structure (evaluated together with stacked weights); `excluded` the leading module indices
-    that run before the stack."""
+    that run before the stack; `taps` the positions of the layers before the last whose output state
+    is also read outside the stack (collected hidden states, a backout, an auxiliary head): the
+    solve returns its estimate of those states too."""
 
     container: str
     layers: list[Layer]
     groups: list[list[int]]
     excluded: list[int]
+    taps: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         first, last = self.layers[0].module_index, self.layers[-1].module_index
         sizes = "+".join(str(len(g)) for g in self.groups)
         groups = f"{len(self.groups)} layer group(s) ({sizes})"
-        return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {groups}"
+        taps = f", tapped after {[self.layers[p].module_index for p in self.taps]}" if self.taps else ""
+        return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {groups}{taps}"

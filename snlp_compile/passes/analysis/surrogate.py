@@ -10,14 +10,17 @@ it can be evaluated once per call from the per-layer inputs, outside the Newton 
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
 
 from ...fx import ops
-from ...fx.args import flat_args
-from ...fx.values import example_value
+from ...fx.args import flat_args, rebuild
+from ...fx.values import example_value, specialised, traced
 from ...solver.recipe import SurrogateRecipe
 from .stack import Layer
 
@@ -38,6 +41,9 @@ _PASS = {
     torch.ops.aten.clone.default,
     torch.ops.aten._to_copy.default,
 }
+_LAYOUT = {"view", "reshape", "transpose", "permute", "flatten", "unflatten", "movedim", "squeeze", "unsqueeze"}
+_LAYOUT |= {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten, torch.movedim}
+_LAYOUT |= {torch.squeeze, torch.unsqueeze}
 
 BRANCH = "branch"  # depends on the state through a residual branch: ignored by the surrogate
 UNSUPPORTED = "unsupported"  # a skip path the surrogate cannot express (e.g. two skip paths summed)
@@ -45,6 +51,15 @@ UNSUPPORTED = "unsupported"  # a skip path the surrogate cannot express (e.g. tw
 
 class SurrogateError(ValueError):
     """surrogate='hc' on a model whose layers have no stream mixing."""
+
+
+@dataclass(frozen=True)
+class _Form:
+    """A value linear in the state: J applied, then a layout (`probe`: the state's flat element indices
+    rearranged as the value's elements are, by views, transposes and reshapes; None: the state's own)."""
+
+    factors: tuple = ()
+    probe: torch.Tensor | None = None
 
 
 def _operand(value, layer: Layer, forms: dict) -> object:
@@ -57,73 +72,153 @@ def _operand(value, layer: Layer, forms: dict) -> object:
 
 def derive_recipe(layer: Layer) -> SurrogateRecipe | None:
     """The skip path's linear form, or None when it cannot be read off (no skip path)."""
+    state = example_value(layer.state_in)
     forms: dict[Node, object] = {}
     for node in layer.nodes:
         operands = []
         for path, value in flat_args(node):
             if (node, path) in layer.state_uses:
-                operands.append(())
+                operands.append(_Form())
             elif isinstance(value, Node) or path[0] == "args":
                 operands.append(_operand(value, layer, forms))
-        linear = [op for op in operands if _is_form(op) or op == UNSUPPORTED]
-        target = node.target
-        if not linear:
-            forms[node] = BRANCH
-        elif target in _ADD or target in _SUB:
-            if len(linear) != 1 or linear[0] == UNSUPPORTED or (target in _SUB and not _is_form(operands[0])):
-                forms[node] = UNSUPPORTED
-            else:
-                forms[node] = linear[0]
-        elif UNSUPPORTED in linear:
-            forms[node] = UNSUPPORTED if target in _PASS else BRANCH
-        elif target in _MUL or target in _DIV:
-            other = [op for op in operands[:2] if not _is_form(op)]
-            forms[node] = _scaled(linear[0], other, layer, divide=target in _DIV) if len(linear) == 1 else BRANCH
-        elif target in _MATMUL and len(operands) >= 2 and not _is_form(operands[0]) and _is_form(operands[1]):
-            forms[node] = _mixed(linear[0], operands[0], layer, node)
-        elif target in _PASS:
-            forms[node] = linear[0]
-        else:
-            forms[node] = BRANCH
+        forms[node] = _form_of(node, operands, layer, state)
     out = forms.get(layer.state_out)
-    if not _is_form(out):
+    if not isinstance(out, _Form) or out.probe is not None:
         return None
-    return SurrogateRecipe(tuple(out))
+    if len({factor[2] for factor in out.factors if factor[0] == "mix"}) > 1:
+        return None  # mixing along two different stream axes: not one structured J
+    return SurrogateRecipe(out.factors)
 
 
-def _is_form(op: object) -> bool:
-    return isinstance(op, tuple) and all(isinstance(f, tuple) and f and f[0] in ("scale", "mix") for f in op)
+def _form_of(node: Node, operands: list, layer: Layer, state: object) -> object:
+    """The form of `node` from its operands' (`_Form`, BRANCH, UNSUPPORTED or a constant / input ref)."""
+    linear = [op for op in operands if isinstance(op, _Form) or op == UNSUPPORTED]
+    target = node.target
+    if not linear:
+        return BRANCH
+    if target in _ADD or target in _SUB:
+        if len(linear) != 1 or linear[0] == UNSUPPORTED or (target in _SUB and not isinstance(operands[0], _Form)):
+            return UNSUPPORTED
+        return linear[0]
+    if UNSUPPORTED in linear:
+        return UNSUPPORTED if target in _PASS or target in _LAYOUT else BRANCH
+    form = linear[0]
+    if target in _MUL or target in _DIV:
+        other = [op for op in operands[:2] if not isinstance(op, _Form)]
+        return _scaled(form, other, layer, divide=target in _DIV) if len(linear) == 1 else BRANCH
+    if target in _MATMUL and len(operands) >= 2 and not isinstance(operands[0], _Form) and operands[1] is form:
+        return _mixed(form, operands[0], -2, False, layer, node, state)
+    if target in ops.EINSUM and len(linear) == 1:
+        return _einsum(node, form, operands, layer, state)
+    if target in _PASS:
+        return form
+    if target in _LAYOUT and operands[0] is form:
+        return _relaid(node, form, state)
+    return BRANCH
 
 
-def _scaled(form: tuple, other: list, layer: Layer, divide: bool) -> object:
+def _scaled(form: _Form, other: list, layer: Layer, divide: bool) -> object:
     if len(other) != 1 or not isinstance(other[0], tuple):
         return BRANCH
     ref = other[0]
     if ref[0] == "const":
         if not isinstance(ref[1], (int, float)):
             return BRANCH
-        return (*form, ("scale", ("const", 1.0 / ref[1] if divide else float(ref[1]))))
+        return _Form((*form.factors, ("scale", ("const", 1.0 / ref[1] if divide else float(ref[1])))), form.probe)
     value = example_value(layer.inputs[ref[1]])
     if divide or not isinstance(value, torch.Tensor) or value.numel() != 1:
         return BRANCH
-    return (*form, ("scale", ref))
+    return _Form((*form.factors, ("scale", ref)), form.probe)
 
 
-def _mixed(form: tuple, matrix: object, layer: Layer, node: Node) -> object:
+def _probe(form: _Form, state: object) -> torch.Tensor | None:
+    """The form's layout as state element indices (the state's own layout where it has none)."""
+    if form.probe is not None:
+        return form.probe
+    shape = [specialised(size) for size in getattr(state, "shape", [None])]
+    if not all(isinstance(size, int) for size in shape):
+        return None  # symbolic sizes: no layout can be followed
+    return torch.arange(math.prod(shape)).view(shape)
+
+
+def _relaid(node: Node, form: _Form, state: object) -> object:
+    """The form after a view, transpose or reshape of it: the same J, the layout rearranged."""
+    probe = _probe(form, state)
+    if probe is None:
+        return UNSUPPORTED
+    args = [rebuild(a, lambda _, leaf: specialised(traced(leaf))) for a in node.args[1:]]
+    kwargs = {k: rebuild(v, lambda _, leaf: specialised(traced(leaf))) for k, v in node.kwargs.items()}
+    try:
+        call = getattr(probe, node.target) if isinstance(node.target, str) else functools.partial(node.target, probe)
+        moved = call(*args, **kwargs)
+    except Exception:  # arguments this probe cannot take (symbolic sizes): not a layout we follow
+        return UNSUPPORTED
+    own = [specialised(size) for size in state.shape]
+    if list(moved.shape) == own and torch.equal(moved.flatten(), torch.arange(moved.numel())):
+        return _Form(form.factors, None)  # back in the state's own layout
+    return _Form(form.factors, moved)
+
+
+def _stream_axis(probe: torch.Tensor, axis: int, m: int, state_shape: list[int]) -> tuple[int, int] | None:
+    """(dim, inner) of the state (`Surrogate.stream`) that axis `axis` of a value laid out as `probe`
+    walks along, None where it walks along no single stream axis of the state."""
+    lines = probe.movedim(axis, -1)
+    if lines.shape[-1] != m or m < 2:
+        return None
+    step = int(lines[(0,) * (lines.dim() - 1) + (1,)] - lines[(0,) * lines.dim()])
+    if not torch.equal(lines[..., 1:] - lines[..., :-1], torch.full_like(lines[..., 1:], step)):
+        return None
+    strides = [math.prod(state_shape[d + 1 :]) for d in range(len(state_shape))]
+    for d, (stride, size) in enumerate(zip(strides, state_shape, strict=True)):
+        if step % stride or not stride <= step < stride * size:
+            continue
+        inner = step // stride
+        if size % (m * inner) == 0 and bool(((lines[..., 0] // stride % size // inner) % m == 0).all()):
+            return d - len(state_shape), inner
+    return None
+
+
+def _mixed(form: _Form, matrix: object, axis: int, transposed: bool, layer: Layer, node: Node, state: object) -> object:
+    """The form after a state-independent square matrix mixes axis `axis` of it (HCN)."""
     if not isinstance(matrix, tuple) or matrix[0] != "input":
         return BRANCH
     value = example_value(layer.inputs[matrix[1]])
-    state = example_value(node)
-    if (
-        isinstance(value, torch.Tensor)
-        and value.dim() == 2
-        and value.shape[0] == value.shape[1]
-        and isinstance(state, torch.Tensor)
-        and state.dim() >= 2
-        and state.shape[-2] == value.shape[0]
-    ):
-        return (*form, ("mix", matrix))
-    return BRANCH
+    if not (isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == value.shape[1]):
+        return BRANCH
+    m = specialised(value.shape[0])
+    if form.probe is None and axis == -2 and state.dim() >= 2 and specialised(state.shape[-2]) == m:
+        stream = (-2, 1)
+    else:
+        probe = _probe(form, state)
+        shape = [specialised(size) for size in state.shape]
+        stream = None if probe is None or not isinstance(m, int) else _stream_axis(probe, axis, m, shape)
+        if stream is None:
+            return BRANCH
+    return _Form((*form.factors, ("mix", matrix, stream, transposed)), form.probe)
+
+
+def _einsum(node: Node, form: _Form, operands: list, layer: Layer, state: object) -> object:
+    """`torch.einsum("ij,...j...->...i...", H, x)`: H mixes one axis of x, the others pass in place."""
+    equation = node.args[0] if node.args and isinstance(node.args[0], str) else None
+    values = operands[1:]  # flat: operands passed as a list flatten the same way
+    if equation is None or "->" not in equation or "." in equation or len(values) != 2:
+        return BRANCH
+    inputs, output = equation.replace(" ", "").split("->")
+    subscripts = inputs.split(",")
+    if len(subscripts) != 2 or values.count(form) != 1:
+        return BRANCH
+    x_index = values.index(form)
+    matrix, (h, x) = values[1 - x_index], (subscripts[1 - x_index], subscripts[x_index])
+    if len(h) != 2 or h[0] == h[1]:
+        return BRANCH
+    contracted = [c for c in h if c in x and c not in output]
+    if len(contracted) != 1:
+        return BRANCH
+    c = contracted[0]
+    o = h[1] if h[0] == c else h[0]
+    if o in x or x.replace(c, o) != output:
+        return BRANCH  # other axes must pass through in place
+    return _mixed(form, matrix, x.index(c) - len(x), h[0] == c, layer, node, state)
 
 
 def choose_recipe(layer: Layer, requested: str) -> SurrogateRecipe:

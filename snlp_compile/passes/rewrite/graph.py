@@ -5,7 +5,9 @@ Invariants of the rewritten graph:
 - Every node outside the stack is kept, in its original order, except layer inputs that
   repeat an earlier one's value (each such value is computed once); the stack's state-dependent
   nodes are replaced by one `call_module` to a `StackProgram`, placed where the last layer's
-  output was, whose value has the same meta as that output.
+  output was, whose value has the same meta as that output; with taps (states read outside the
+  stack) it returns those states too, through getitems with their meta, and the nodes that read
+  them before the stack's end (`checks.tap_readers`, pure by `check_taps`) move after it.
 - Each layer group (layers of one structure) becomes one layer GraphModule
   `(state, *inputs) -> state`, evaluated for all its layers at once under `torch.vmap` with
   per-layer inputs stacked on a leading axis (`layer_graph`); where the lowering list lowers
@@ -36,9 +38,11 @@ from torch.fx import Graph, GraphModule, Node
 
 from ...fx.args import map_args
 from ...fx.equality import is_pure
+from ...fx.values import example_value
 from ...runtime.stack_program import StackProgram
 from ...runtime.stacked_weights import StackedWeights
 from ..analysis import StackPlan
+from ..analysis.checks import tap_readers
 from .inputs import InputSlot, canonical_inputs, input_aliases, plan_slots
 from .layer_graph import layer_graph
 from .lowering_list import LoweringList, Where
@@ -87,7 +91,9 @@ def _program(
 
     one_layer = graphs(Where.ONE_LAYER) if lowerings.one_layer_graphs else None
     batched = [[slot.batched for slot in group] for group in slots]
-    return StackProgram(graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config)
+    program = StackProgram(graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config)
+    program.taps = list(plan.match.taps)
+    return program
 
 
 def _group_inputs(graph: Graph, slots: list[list[InputSlot]], cached: dict, env: dict, canonical) -> tuple:
@@ -120,6 +126,18 @@ def _copy(graph: Graph, node: Node, env: dict, lowerings: LoweringList) -> Node:
     return new
 
 
+def _bind_outputs(graph: Graph, call: Node, states: list[Node], env: dict) -> None:
+    """env[state] for the StackProgram call's outputs: its value alone, or one getitem per state (taps)."""
+    if len(states) == 1:
+        call.meta = dict(states[0].meta)
+        env[states[0]] = call
+        return
+    call.meta = {"example_value": tuple(example_value(s) for s in states)}
+    for k, state in enumerate(states):
+        env[state] = graph.call_function(operator.getitem, (call, k))
+        env[state].meta = dict(state.meta)
+
+
 def rewrite_stack(
     gm: GraphModule, plan: StackPlan, lowerings: LoweringList, example_inputs: list, stack_in_graph: bool
 ) -> tuple[GraphModule, StackedWeights]:
@@ -144,8 +162,9 @@ def rewrite_stack(
                 added[cached[(g, k)]] = weights.add(slot.value, example_inputs)
     stack_nodes = {n for layer in layers for n in layer.nodes}
     last = layers[-1].state_out
+    deferred = tap_readers(layers, plan.match.taps)  # they read a tapped state: after the solve
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or (node in stack_nodes and node is not last):
+        if node.op == "placeholder" or (node in stack_nodes and node is not last) or node in deferred:
             continue
         if node is not last:
             env[node] = _copy(graph, node, env, lowerings)
@@ -155,8 +174,9 @@ def rewrite_stack(
         per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: plan.config.n_seq])
         per_group = _group_inputs(graph, slots, cached, env, canonical)
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, per_group))
-        out.meta = dict(last.meta)
-        env[last] = out
+        _bind_outputs(graph, out, [last, *(layers[p].state_out for p in plan.match.taps)], env)
+        for reader in deferred:
+            env[reader] = _copy(graph, reader, env, lowerings)
     # after the whole graph is copied: what follows the stack may read a layer's input too
     erase_unused([env[n] for layer in layers for n in layer.inputs if n in env])
     lowerings.run_graph_passes(graph, Where.OUTSIDE)
