@@ -58,7 +58,8 @@ def capture_graphs(
     return count
 
 
-def _source_name(source: Any) -> str:
+def source_name(source: Any) -> str:
+    """The expression a dynamo source reads its value with (L['self']._modules[...]...)."""
     name = source.name
     return name() if callable(name) else name  # a method in older torch releases
 
@@ -75,7 +76,7 @@ def graph_inputs(gm: GraphModule, model: nn.Module, args: Sequence[Any], kwargs:
         source = getattr(node, "_dynamo_source", None)
         if source is None:
             raise ValueError(f"the captured graph's input {node.name} has no dynamo source to rebuild it from")
-        value = eval(_source_name(source), helpers, scope)  # noqa: S307  (dynamo's own guard expressions)
+        value = eval(source_name(source), helpers, scope)  # noqa: S307  (dynamo's own guard expressions)
         traced = example_value(node)
         if isinstance(traced, torch.Tensor) and isinstance(value, (int, float, bool)):  # an unspecialised scalar,
             value = torch.tensor(value, dtype=traced.dtype)  # which dynamo passes to its graph as a 0-d tensor

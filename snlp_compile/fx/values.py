@@ -34,8 +34,16 @@ def freeze(value: Any) -> Any:
         return tuple(sorted((k, freeze(v)) for k, v in value.items()))
     value = specialised(value)
     if isinstance(value, SYMBOLIC):
-        return ("sym", str(value))
+        return ("sym", str(canonical_symbol(value)))
     return value
+
+
+def canonical_symbol(value: Any) -> Any:
+    """The expression of a symbolic scalar after the shape environment's replacements (two sizes
+    guarded equal have one expression)."""
+    node = value.node
+    env = getattr(node, "shape_env", None)
+    return env.replace(node.expr) if env is not None else node.expr
 
 
 def example_value(node: Node) -> Any:

@@ -27,6 +27,17 @@ class LayerCalls:
     def __init__(self, program: StackProgram, per_layer: tuple, per_group: tuple):
         self.program, self.per_layer, self.per_group = program, per_layer, per_group
         self.surrogate = program.surrogate(per_group)
+        self.side_outputs: dict[int, tuple] = {}  # layer -> its side outputs at its latest evaluation
+
+    def _state(self, positions: list[int], result: Tensor | tuple, batched: bool) -> Tensor:
+        """The state of a layer call's result, keeping its side outputs (one call per layer in
+        `positions`; `batched`: the values carry a leading layer axis)."""
+        if not isinstance(result, tuple):
+            return result
+        state, *sides = result
+        for i, p in enumerate(positions):
+            self.side_outputs[p] = tuple(side[i] for side in sides) if batched else tuple(sides)
+        return state
 
     def __len__(self) -> int:
         return len(self.program.group_of)
@@ -34,7 +45,8 @@ class LayerCalls:
     def layer(self, index: int, h: Tensor) -> Tensor:
         if index >= len(self.per_layer):
             raise IndexError(f"LayerCalls.layer: only the {len(self.per_layer)} sequential layers run one at a time")
-        return self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
+        result = self.program.one_layer_function(self.program.group_of[index])(h, *self.per_layer[index])
+        return self._state([index], result, batched=False)
 
     def layers(self, start: int, hs: Tensor) -> Tensor:
         end = start + hs.shape[0]
@@ -49,10 +61,12 @@ class LayerCalls:
             batched = self.program.batched[g]
             if b - a == 1:  # one layer: called as is (vmap could not write its unbatched in-place inputs)
                 args = [x[a] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-                parts.append((local, self.program.one_layer_function(g)(xs[0], *args).unsqueeze(0)))
+                result = self.program.one_layer_function(g)(xs[0], *args)
+                parts.append((local, self._state([members[a]], result, batched=False).unsqueeze(0)))
                 continue
             args = [x[a:b] if stacked else x for x, stacked in zip(self.per_group[g], batched, strict=True)]
-            parts.append((local, self.program.vmapped[g](xs, *args)))
+            result = self.program.vmapped[g](xs, *args)
+            parts.append((local, self._state(members[a:b], result, batched=True)))
         if len(parts) == 1:
             return parts[0][1]
         out = torch.empty_like(hs)
@@ -76,6 +90,7 @@ class StackProgram(nn.Module):
     ):
         super().__init__()
         self.taps = list(taps or [])  # positions whose states the call returns after the final one
+        self.side_outputs: list[int] = [0] * sum(len(g) for g in groups)  # per layer: how many it returns
         self.functions = nn.ModuleList(functions)  # called under vmap for several layers at once
         # for one layer at a time (sequential layers, one-layer blocks) where those take other kernels
         self.one_layer_functions = None if one_layer_functions is None else nn.ModuleList(one_layer_functions)
@@ -98,8 +113,11 @@ class StackProgram(nn.Module):
         return stack_surrogate(self.recipes, per_group, self.groups)
 
     def forward(self, state: Tensor, per_layer: tuple, per_group: tuple) -> Tensor | tuple[Tensor, ...]:
-        """The final state, or (final state, *the tapped states) where the stack has taps."""
+        """The final state, or (final state, *the tapped states, *each layer's side outputs from its
+        last evaluation) where the stack has taps or side outputs."""
         calls = LayerCalls(self, per_layer, per_group)
-        if not self.taps:
+        if not self.taps and not any(self.side_outputs):
             return solve(calls, state, self.config)
-        return tuple(solve_states(calls, state, self.config, [len(calls) - 1, *self.taps]))
+        states = solve_states(calls, state, self.config, [len(calls) - 1, *self.taps])
+        sides = [side for p, count in enumerate(self.side_outputs) if count for side in calls.side_outputs[p]]
+        return (*states, *sides)

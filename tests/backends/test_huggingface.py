@@ -37,3 +37,63 @@ def test_huggingface_decoders(build, caplog):
     torch._dynamo.reset()
     cheap = torch.compile(model, backend="snlp", options={**options, "iters": 1})(idx, use_cache=False).logits
     assert (cheap - expected).abs().max() > 1e-3  # the four layers really ran in parallel
+
+
+EXACT = {"iters": 4, "inner": "eager", "fallback": "error"}
+
+
+@pytest.mark.parametrize("build", [llama, gpt2])
+@torch.no_grad()
+def test_the_ordinary_call_with_its_dynamic_cache(build):
+    """model(ids) with the default use_cache=True: logits and every layer's cached keys and values."""
+    torch.manual_seed(0)
+    model = build().eval()
+    idx = torch.randint(1, 64, (2, 12))
+    expected = model(idx)
+    out = torch.compile(model, backend="snlp", options=EXACT)(idx)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(out.past_key_values.layers, expected.past_key_values.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def _generate(model, forward, idx, **kwargs):
+    original = model.forward
+    model.forward = forward
+    try:
+        return model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=6, **kwargs)
+    finally:
+        model.forward = original
+
+
+@pytest.mark.parametrize("build", [llama, gpt2])
+@torch.no_grad()
+def test_generate_is_exact_at_full_iterations_and_approximate_at_one(build, caplog):
+    torch.manual_seed(0)
+    model = build().eval()
+    model.generation_config.pad_token_id = 0
+    idx = torch.randint(1, 64, (2, 7))
+    expected = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=6, do_sample=False)
+    with caplog.at_level("WARNING", logger="snlp_compile"):
+        exact = _generate(model, torch.compile(model.forward, backend="snlp", options=EXACT), idx, do_sample=False)
+    assert torch.equal(exact, expected) and "unmodified" not in caplog.text  # prefill and every decode step
+    torch._dynamo.reset()
+    one = _generate(model, torch.compile(model.forward, backend="snlp", options={"iters": 1}), idx, do_sample=False)
+    assert one.shape == expected.shape and torch.equal(one[:, :7], idx)
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    sampled = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=6, do_sample=True)
+    torch.manual_seed(1)
+    forward = torch.compile(model.forward, backend="snlp", options=EXACT)
+    assert torch.equal(_generate(model, forward, idx, do_sample=True), sampled)
+
+
+@torch.no_grad()
+def test_output_hidden_states_are_taps():
+    torch.manual_seed(0)
+    model = llama().eval()
+    idx = torch.randint(1, 64, (2, 12))
+    expected = model(idx, output_hidden_states=True, use_cache=False)
+    out = torch.compile(model, backend="snlp", options=EXACT)(idx, output_hidden_states=True, use_cache=False)
+    for mine, theirs in zip((out.logits, *out.hidden_states), (expected.logits, *expected.hidden_states), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)

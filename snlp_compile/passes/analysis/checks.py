@@ -143,10 +143,11 @@ def check_chain(container: str, layers: list[Layer]) -> None:
 
 
 def tap_readers(layers: list[Layer], taps: list[int]) -> list[Node]:
-    """The nodes outside the stack computed from a tapped state that come before the stack's last node, in
-    graph order: the rewrite runs them after the solve, which gives them their value."""
+    """The nodes outside the stack computed from a tapped state or a side output that come before the
+    stack's last node, in graph order: the rewrite runs them after the solve, which gives them their value."""
     inside = {n for layer in layers for n in layer.nodes}
-    readers = forward_closure({layers[p].state_out for p in taps}) - inside
+    sides = {n for layer in layers for n in layer.side_outputs}
+    readers = forward_closure({layers[p].state_out for p in taps} | sides) - inside
     order = {n: i for i, n in enumerate(layers[-1].state_out.graph.nodes)}
     end = order[layers[-1].state_out]
     return sorted((n for n in readers if order[n] < end), key=order.__getitem__)

@@ -24,11 +24,14 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
+import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from ...fx.args import Use, flat_args
 from ...fx.closures import backward_closure, forward_closure
-from ...fx.values import freeze, value_signature
+from ...fx.equality import is_pure
+from ...fx.values import example_value, freeze, specialised, value_signature
 from ...fx.writes import mutated_arg, written_roots
 from .checks import check_chain, check_taps
 from .stack import Layer, LayerStackMatch, NotAStack
@@ -117,7 +120,8 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
     position = {n: i for i, n in enumerate(graph_nodes)}
     keyed: dict[tuple[str, int], list[Node]] = defaultdict(list)
     for n in graph_nodes:
-        if n.op in ("call_function", "call_method", "call_module"):
+        dead = not n.users and is_pure(n)  # e.g. a size computation dynamo left unused: no part of a layer
+        if n.op in ("call_function", "call_method", "call_module") and not dead:
             key = layer_key(n)
             if key is not None:
                 keyed[key].append(n)
@@ -132,17 +136,9 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
         raise NotAStack(f"the layers of {container} in this graph are not consecutive: {indices}")
     regions = [set(keyed[(container, i)]) for i in indices]
 
-    outs = []
-    for i, region in zip(indices, regions, strict=True):
-        leaving = [n for n in region if any(u not in region for u in n.users)]
-        if len(leaving) != 1:
-            names = ", ".join(n.name for n in leaving) or "nothing"
-            raise NotAStack(
-                f"layer {container}.{i} passes {len(leaving)} values on ({names}); a stack layer passes one"
-            )
-        outs.append(leaving[0])
-
     non_keyed = {n for n in graph_nodes if layer_key(n) is None and n.op != "placeholder"}
+    leaving = [sorted((n for n in r if any(u not in r for u in n.users)), key=position.__getitem__) for r in regions]
+    outs = _states_leaving(container, indices, regions, leaving, non_keyed, position)
     layers: list[Layer | None] = [None] * len(indices)
     for pos in range(1, len(indices)):
         prev_out, region = outs[pos - 1], regions[pos]
@@ -167,12 +163,46 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
         excluded.append(indices[0])
         layers = layers[1:]
     check_chain(container, layers)
-    groups = _group(layers)
     if len(layers) < 2:
         raise NotAStack(f"fewer than two layers of {container} form a chain")
+    for layer, region_leaving in zip(layers, leaving[len(leaving) - len(layers) :], strict=True):
+        own = set(layer.nodes)
+        layer.side_outputs = [n for n in region_leaving if n is not layer.state_out and n in own]
+    groups = _group(layers)
     taps = _taps(layers)
     check_taps(container, layers, taps)
     return LayerStackMatch(container, layers, groups, excluded, taps)
+
+
+def _states_leaving(
+    container: str,
+    indices: list[int],
+    regions: list[set[Node]],
+    leaving: list[list[Node]],
+    outside: set[Node],
+    position: dict[Node, int],
+) -> list[Node]:
+    """Each layer's state: of the values leaving its module, the one the next layer's module reads
+    (through glue outside both); the last layer's is the one at its predecessor's state's place in
+    the module's nodes. The other values leaving a layer (a DynamicCache's keys and values) are its
+    side outputs."""
+    states = []
+    for pos, (region, values) in enumerate(zip(regions, leaving, strict=True)):
+        if pos + 1 < len(regions):
+            following = regions[pos + 1]
+            feeding = [n for n in values if forward_closure({n}, outside | following) & following]
+        else:
+            place = sorted(regions[pos - 1], key=position.__getitem__).index(states[-1])
+            nodes = sorted(region, key=position.__getitem__)
+            feeding = [nodes[place]] if place < len(nodes) and nodes[place] in values else []
+        if len(feeding) != 1:
+            names = ", ".join(n.name for n in (feeding or values)) or "nothing"
+            raise NotAStack(
+                f"layer {container}.{indices[pos]} passes {len(feeding) if feeding else len(values)} values on "
+                f"({names}); a stack layer passes one state to the next"
+            )
+        states.append(feeding[0])
+    return states
 
 
 def _taps(layers: list[Layer]) -> list[int]:
@@ -198,11 +228,44 @@ def _make_layer(
     return Layer(index, nodes, state_in, state_out, state_uses, inputs, (key, value_signature(state_in)))
 
 
+def _alpha(key: object, names: dict[str, int]) -> object:
+    """`key` with each symbol named by the order it first appears in (two layers whose sizes differ only
+    in their symbols' names get one key)."""
+    if isinstance(key, tuple) and len(key) == 2 and key[0] == "sym" and isinstance(key[1], str):
+        return ("sym", names.setdefault(key[1], len(names)))
+    if isinstance(key, tuple):
+        return tuple(_alpha(k, names) for k in key)
+    return key
+
+
+def _symbols(layer: Layer) -> list:
+    """The unpinned symbolic sizes of the layer's inputs, in the order `_alpha` numbers them."""
+    found = []
+    for node in layer.inputs:
+        value = example_value(node)
+        if isinstance(value, torch.Tensor):
+            found.extend(size for size in value.shape if isinstance(specialised(size), torch.SymInt))
+    return found
+
+
 def _group(layers: list[Layer]) -> list[list[int]]:
-    groups: dict[tuple, list[int]] = {}
+    """Positions of the layers of one structure. Layers whose sizes differ only in the names of their
+    symbols join a group where the sizes are equal now; that equality becomes a guard (dynamo compiles
+    the frame again where it fails), so the group's stacked inputs have one shape."""
+    groups: dict[tuple, list[tuple[list, list[int]]]] = {}
     for pos, layer in enumerate(layers):
-        groups.setdefault(layer.key, []).append(pos)
-    return list(groups.values())
+        sides = tuple(layer.nodes.index(n) for n in layer.side_outputs)
+        candidates = groups.setdefault((_alpha(layer.key, {}), sides), [])
+        symbols = _symbols(layer)
+        hints = [s.node.hint for s in symbols]
+        group = next((g for g in candidates if [s.node.hint for s in g[0]] == hints and None not in hints), None)
+        if group is None:
+            candidates.append((symbols, [pos]))
+            continue
+        for mine, theirs in zip(symbols, group[0], strict=True):
+            guard_bool(mine == theirs)
+        group[1].append(pos)
+    return [members for candidates in groups.values() for _, members in candidates]
 
 
 def _match_onto_first(later: Layer, nodes: list[Node], nodes0: list[Node], region0: set[Node]) -> dict | None:

@@ -20,7 +20,9 @@ class NotAStack(Exception):
 class Layer:
     """One layer of the stack, as a function of its state: `nodes` (graph order) compute `state_out`
     from `state_in` (read at `state_uses`) and `inputs` (values computed without the stack); layers
-    with equal `key` have identical structure and input shapes."""
+    with equal `key` have identical structure and input shapes; `side_outputs` are the other values
+    computed from the state that leave the layer, read only outside the stack (a DynamicCache's
+    keys and values): the solve returns them from each layer's last evaluation."""
 
     module_index: int
     nodes: list[Node]
@@ -29,6 +31,7 @@ class Layer:
     state_uses: set[Use]
     inputs: list[Node] = field(default_factory=list)
     key: tuple = ()
+    side_outputs: list[Node] = field(default_factory=list)  # other values it passes out of the stack
 
 
 @dataclass

@@ -93,6 +93,7 @@ def _program(
     batched = [[slot.batched for slot in group] for group in slots]
     program = StackProgram(graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config)
     program.taps = list(plan.match.taps)
+    program.side_outputs = [len(layer.side_outputs) for layer in layers]
     return program
 
 
@@ -174,7 +175,8 @@ def rewrite_stack(
         per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: plan.config.n_seq])
         per_group = _group_inputs(graph, slots, cached, env, canonical)
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, per_group))
-        _bind_outputs(graph, out, [last, *(layers[p].state_out for p in plan.match.taps)], env)
+        sides = [n for layer in layers for n in layer.side_outputs]
+        _bind_outputs(graph, out, [last, *(layers[p].state_out for p in plan.match.taps), *sides], env)
         for reader in deferred:
             env[reader] = _copy(graph, reader, env, lowerings)
     # after the whole graph is copied: what follows the stack may read a layer's input too

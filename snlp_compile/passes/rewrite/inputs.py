@@ -13,8 +13,10 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch.fx import Graph, Node
 
+from ...fx.capture import source_name
 from ...fx.closures import backward_closure
 from ...fx.equality import same_value
 from ...fx.values import example_value, specialised
@@ -104,6 +106,18 @@ class InputSlot:
         return self.kind != "shared"
 
 
+def _weight(node: Node) -> bool:
+    """A graph input that holds module state (a parameter or buffer, by its dynamo source) of fixed
+    shape: worth stacking once. Call inputs (a cache's tensors, new every step or growing) are
+    stacked in the graph on each call."""
+    source = getattr(node, "_dynamo_source", None)
+    name = source_name(source) if source is not None else ""
+    if source is not None and "._parameters[" not in name and "._buffers[" not in name:
+        return False
+    value = example_value(node)
+    return not any(isinstance(specialised(size), torch.SymInt) for size in getattr(value, "shape", ()))
+
+
 def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
     """The input slots of each layer group; `cache_graph_inputs`: per-layer graph inputs (weights at
     inference) are stacked once and kept current rather than stacked inside the graph on each call.
@@ -126,7 +140,7 @@ def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_
                     f"layer {rep.module_index} writes {node.name} in place, and the layers' copies "
                     "of it are not slices of one tensor"
                 )
-            elif cache_graph_inputs and all(n.op == "placeholder" for n in nodes):
+            elif cache_graph_inputs and all(n.op == "placeholder" and _weight(n) for n in nodes):
                 slots.append(InputSlot("cached", [gm_placeholders.index(n) for n in nodes]))
             else:
                 slots.append(InputSlot("stack", nodes))

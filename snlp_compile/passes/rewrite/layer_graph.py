@@ -34,7 +34,8 @@ def _scratch_nodes(layer: Layer) -> set[Node]:
 def layer_graph(
     root: GraphModule, layer: Layer, lowerings: LoweringList, where: Where, aliases: list[int] | None = None
 ) -> GraphModule:
-    """The layer as a standalone GraphModule (state, *layer.inputs) -> state, for graphs of kind `where`
+    """The layer as a standalone GraphModule (state, *layer.inputs) -> state (a tuple (state, *side
+    outputs) for a layer with side outputs), for graphs of kind `where`
     (BATCHED or ONE_LAYER), lowered by `lowerings`. `aliases[k]`: the input slot whose placeholder the
     graph reads for input k (one that always holds the same value, `inputs.input_aliases`)."""
     graph = Graph()
@@ -62,6 +63,7 @@ def layer_graph(
         if node in own_copies:
             env[node] = graph.call_function(torch.ops.snlp.scratch.default, (env[node], state))
             env[node].meta = dict(node.meta)
-    graph.output(env[layer.state_out])
+    sides = [env[n] for n in layer.side_outputs]
+    graph.output((env[layer.state_out], *sides) if sides else env[layer.state_out])
     lowerings.run_graph_passes(graph, where)
     return GraphModule(root, graph)

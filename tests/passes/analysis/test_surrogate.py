@@ -110,8 +110,8 @@ def test_stream_mixing_is_its_matrix():
     model = Stack(*["mixed"] * DEPTH).eval()
     match, values = analysed(model)
     recipe = only_recipe(match)
-    ((kind, (source, _)),) = recipe.factors
-    assert (kind, source, recipe.kind) == ("mix", "input", "mix")
+    ((kind, (source, _), stream, transposed),) = recipe.factors
+    assert (kind, source, recipe.kind, stream, transposed) == ("mix", "input", "mix", (-2, 1), False)
     for layer, block in zip(match.layers, model.layers, strict=True):
         torch.testing.assert_close(evaluate_recipe(recipe, inputs_of(layer, values), 1), block.H.detach()[None])
     surrogate = stacked_surrogate(match, values)
@@ -125,7 +125,7 @@ def test_a_gate_on_the_mixing_scales_the_matrix():
     model = Stack(*["gated-mixed"] * DEPTH).eval()
     match, values = analysed(model)
     recipe = only_recipe(match)
-    assert [kind for kind, _ in recipe.factors] == ["mix", "scale"] and recipe.kind == "mix"
+    assert [factor[0] for factor in recipe.factors] == ["mix", "scale"] and recipe.kind == "mix"
     surrogate = stacked_surrogate(match, values)
     expected = torch.stack([block.a.detach() * block.H.detach() for block in model.layers])
     assert surrogate.kind == "mix"
