@@ -66,12 +66,17 @@ def _generate(model, forward, idx, **kwargs):
         model.forward = original
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("build", [llama, gpt2])
 @torch.no_grad()
-def test_generate_is_exact_at_full_iterations_and_approximate_at_one(build, caplog):
+def test_generate_is_exact_at_full_iterations_and_approximate_at_one(build, cache, caplog):
+    """The default DynamicCache (keys and values appended: side outputs of the solve) and the
+    StaticCache (one tensor per layer written in place: each evaluation writes a copy, the last is
+    copied back), greedy and sampled."""
     torch.manual_seed(0)
     model = build().eval()
     model.generation_config.pad_token_id = 0
+    model.generation_config.cache_implementation = cache
     idx = torch.randint(1, 64, (2, 7))
     expected = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=6, do_sample=False)
     with caplog.at_level("WARNING", logger="snlp_compile"):

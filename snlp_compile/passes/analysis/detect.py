@@ -183,18 +183,17 @@ def _states_leaving(
     position: dict[Node, int],
 ) -> list[Node]:
     """Each layer's state: of the values leaving its module, the one the next layer's module reads
-    (through glue outside both); the last layer's is the one at its predecessor's state's place in
-    the module's nodes. The other values leaving a layer (a DynamicCache's keys and values) are its
-    side outputs."""
+    (through glue outside both); the last layer's is its only one, else `_state_like`. The other
+    values leaving a layer (a DynamicCache's keys and values) are its side outputs."""
     states = []
     for pos, (region, values) in enumerate(zip(regions, leaving, strict=True)):
         if pos + 1 < len(regions):
             following = regions[pos + 1]
             feeding = [n for n in values if forward_closure({n}, outside | following) & following]
+        elif len(values) == 1:
+            feeding = values
         else:
-            place = sorted(regions[pos - 1], key=position.__getitem__).index(states[-1])
-            nodes = sorted(region, key=position.__getitem__)
-            feeding = [nodes[place]] if place < len(nodes) and nodes[place] in values else []
+            feeding = _state_like(region, values, regions[:pos], states, position)
         if len(feeding) != 1:
             names = ", ".join(n.name for n in (feeding or values)) or "nothing"
             raise NotAStack(
@@ -203,6 +202,19 @@ def _states_leaving(
             )
         states.append(feeding[0])
     return states
+
+
+def _state_like(
+    region: set[Node], values: list[Node], earlier: list[set[Node]], states: list[Node], position: dict[Node, int]
+) -> list[Node]:
+    """The last layer's state among the values leaving it: the one at the place of an earlier layer's
+    state in a module of as many nodes (the latest such layer), else the one traced like the state."""
+    nodes = sorted(region, key=position.__getitem__)
+    for other, state in zip(reversed(earlier), reversed(states), strict=True):
+        if len(other) == len(nodes):
+            place = sorted(other, key=position.__getitem__).index(state)
+            return [nodes[place]] if nodes[place] in values else []
+    return [n for n in values if value_signature(n) == value_signature(states[-1])]
 
 
 def _taps(layers: list[Layer]) -> list[int]:

@@ -85,16 +85,26 @@ def _program(
     """The StackProgram of the plan's layer groups, their graphs lowered by `lowerings`."""
     layers, groups = plan.match.layers, plan.match.groups
     aliases = [input_aliases(layers, m, canonical) for m in groups]
+    copied = _copied(slots)
 
     def graphs(where: Where) -> list[GraphModule]:
-        return [layer_graph(gm, layers[m[0]], lowerings, where, a) for m, a in zip(groups, aliases, strict=True)]
+        return [
+            layer_graph(gm, layers[m[0]], lowerings, where, a, c)
+            for m, a, c in zip(groups, aliases, copied, strict=True)
+        ]
 
     one_layer = graphs(Where.ONE_LAYER) if lowerings.one_layer_graphs else None
     batched = [[slot.batched for slot in group] for group in slots]
     program = StackProgram(graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config)
     program.taps = list(plan.match.taps)
-    program.side_outputs = [len(layer.side_outputs) for layer in layers]
+    group_of = {p: g for g, members in enumerate(groups) for p in members}
+    program.side_outputs = [len(layer.side_outputs) + len(copied[group_of[p]]) for p, layer in enumerate(layers)]
     return program
+
+
+def _copied(slots: list[list[InputSlot]]) -> list[list[int]]:
+    """Per layer group, its "copied" input slots."""
+    return [[k for k, slot in enumerate(group) if slot.kind == "copied"] for group in slots]
 
 
 def _group_inputs(graph: Graph, slots: list[list[InputSlot]], cached: dict, env: dict, canonical) -> tuple:
@@ -109,7 +119,7 @@ def _group_inputs(graph: Graph, slots: list[list[InputSlot]], cached: dict, env:
                 values.append(graph.call_function(operator.getitem, (env[slot.value[0]], slot.value[1])))
             elif slot.kind == "cached":
                 values.append(graph.get_attr(cached[(g, k)]))
-            else:
+            else:  # "stack" and "copied"
                 values.append(graph.call_function(torch.stack, ([env[n] for n in slot.value],)))
         per_group.append(tuple(values))
     return tuple(per_group)
@@ -127,16 +137,23 @@ def _copy(graph: Graph, node: Node, env: dict, lowerings: LoweringList) -> Node:
     return new
 
 
-def _bind_outputs(graph: Graph, call: Node, states: list[Node], env: dict) -> None:
-    """env[state] for the StackProgram call's outputs: its value alone, or one getitem per state (taps)."""
-    if len(states) == 1:
-        call.meta = dict(states[0].meta)
-        env[states[0]] = call
+def _bind_outputs(graph: Graph, call: Node, outputs: list, env: dict) -> None:
+    """The StackProgram call's outputs in the new graph: env[node] for a node it computes (its value
+    alone, or one getitem per output), and for ("copy", input) the layer's last copy of a "copied"
+    input written back into that input."""
+    nodes = [item[1] if isinstance(item, tuple) else item for item in outputs]
+    if len(outputs) == 1:
+        call.meta = dict(nodes[0].meta)
+        env[nodes[0]] = call
         return
-    call.meta = {"example_value": tuple(example_value(s) for s in states)}
-    for k, state in enumerate(states):
-        env[state] = graph.call_function(operator.getitem, (call, k))
-        env[state].meta = dict(state.meta)
+    call.meta = {"example_value": tuple(example_value(n) for n in nodes)}
+    for k, (item, node) in enumerate(zip(outputs, nodes, strict=True)):
+        value = graph.call_function(operator.getitem, (call, k))
+        value.meta = dict(node.meta)
+        if isinstance(item, tuple):
+            graph.call_method("copy_", (env[node], value))
+        else:
+            env[node] = value
 
 
 def rewrite_stack(
@@ -175,7 +192,13 @@ def rewrite_stack(
         per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: plan.config.n_seq])
         per_group = _group_inputs(graph, slots, cached, env, canonical)
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, per_group))
-        sides = [n for layer in layers for n in layer.side_outputs]
+        group_of = {p: g for g, members in enumerate(plan.match.groups) for p in members}
+        copied = _copied(slots)
+        sides = [
+            item
+            for p, layer in enumerate(layers)
+            for item in (*layer.side_outputs, *(("copy", layer.inputs[k]) for k in copied[group_of[p]]))
+        ]
         _bind_outputs(graph, out, [last, *(layers[p].state_out for p in plan.match.taps), *sides], env)
         for reader in deferred:
             env[reader] = _copy(graph, reader, env, lowerings)

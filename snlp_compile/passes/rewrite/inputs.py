@@ -5,7 +5,9 @@ value (`fx.equality.same_value`) and nothing in between writes what they are com
 `InputSlot` of kind "shared" holds one value for every layer of the group, "slice" a view
 `base[slice]` of one tensor with each layer's value on its leading axis (so in-place writes reach
 the original), "stack" one node per layer, stacked at call time (or, for "cached" stack slots of
-graph inputs, once, by `runtime.StackedWeights`).
+graph inputs, once, by `runtime.StackedWeights`), "copied" one node per layer that the layer
+writes: stacked at call time, each evaluation of a layer writes a fresh copy (`layer_graph`), and
+the copy of its last evaluation is copied back into the layer's own tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ...fx.closures import backward_closure
 from ...fx.equality import same_value
 from ...fx.values import example_value, specialised
 from ...fx.writes import mutated_arg, written_roots
-from ..analysis import Layer, LayerStackMatch, NotAStack
+from ..analysis import Layer, LayerStackMatch
 
 
 def _roots(node: Node) -> set[Node]:
@@ -121,7 +123,8 @@ def _weight(node: Node) -> bool:
 def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
     """The input slots of each layer group; `cache_graph_inputs`: per-layer graph inputs (weights at
     inference) are stacked once and kept current rather than stacked inside the graph on each call.
-    NotAStack where layers write an input whose per-layer copies are not slices of one tensor."""
+    An input the layers write whose per-layer copies are not slices of one tensor (a cache keeping one
+    tensor per layer) is "copied": each evaluation writes a copy of it, and the last one is copied back."""
     layers, plans = match.layers, []
     for members in match.groups:
         rep = layers[members[0]]
@@ -136,10 +139,7 @@ def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_
             elif (view := _view_slice(nodes)) is not None:
                 slots.append(InputSlot("slice", view))
             elif node in written:
-                raise NotAStack(
-                    f"layer {rep.module_index} writes {node.name} in place, and the layers' copies "
-                    "of it are not slices of one tensor"
-                )
+                slots.append(InputSlot("copied", nodes))
             elif cache_graph_inputs and all(n.op == "placeholder" and _weight(n) for n in nodes):
                 slots.append(InputSlot("cached", [gm_placeholders.index(n) for n in nodes]))
             else:

@@ -9,6 +9,7 @@ evaluation; the lowering list chooses each node's target and runs its graph pass
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,19 +33,29 @@ def _scratch_nodes(layer: Layer) -> set[Node]:
 
 
 def layer_graph(
-    root: GraphModule, layer: Layer, lowerings: LoweringList, where: Where, aliases: list[int] | None = None
+    root: GraphModule,
+    layer: Layer,
+    lowerings: LoweringList,
+    where: Where,
+    aliases: list[int] | None = None,
+    copied: Sequence[int] = (),
 ) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state (a tuple (state, *side
     outputs) for a layer with side outputs), for graphs of kind `where`
     (BATCHED or ONE_LAYER), lowered by `lowerings`. `aliases[k]`: the input slot whose placeholder the
-    graph reads for input k (one that always holds the same value, `inputs.input_aliases`)."""
+    graph reads for input k (one that always holds the same value, `inputs.input_aliases`); `copied`:
+    the inputs the layer writes that it writes as a fresh copy per evaluation, returned after the
+    state and side outputs (`inputs.InputSlot` "copied")."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
     for placeholder, node in zip((state, *inputs), (layer.state_in, *layer.inputs), strict=True):
         placeholder.meta = dict(node.meta)  # the traced values, which passes on the layer graph read
     aliases = aliases or list(range(len(inputs)))
-    slot = {node: inputs[aliases[k]] for k, node in enumerate(layer.inputs)}
+    copies = {k: graph.call_method("clone", (inputs[aliases[k]],)) for k in copied}
+    for k, copy in copies.items():
+        copy.meta = dict(layer.inputs[k].meta)
+    slot = {node: copies.get(k, inputs[aliases[k]]) for k, node in enumerate(layer.inputs)}
     env: dict[Node, Node] = {}
     own_copies = _scratch_nodes(layer) if where is Where.BATCHED else set()
     for node in layer.nodes:
@@ -63,7 +74,7 @@ def layer_graph(
         if node in own_copies:
             env[node] = graph.call_function(torch.ops.snlp.scratch.default, (env[node], state))
             env[node].meta = dict(node.meta)
-    sides = [env[n] for n in layer.side_outputs]
+    sides = [env[n] for n in layer.side_outputs] + list(copies.values())
     graph.output((env[layer.state_out], *sides) if sides else env[layer.state_out])
     lowerings.run_graph_passes(graph, where)
     return GraphModule(root, graph)
