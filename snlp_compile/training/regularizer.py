@@ -207,9 +207,10 @@ class SNLPRegularizer:
         return reg
 
     def _capture_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if SNLPRegularizer._tracing:
-            return
-        device = next((x.device.type for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)), None)
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)]
+        if SNLPRegularizer._tracing or any(isinstance(size, torch.SymInt) for x in tensors for size in x.shape):
+            return  # a trace with symbolic shapes (torch.export, dynamic=True) is no forward to regularise
+        device = next((x.device.type for x in tensors), None)
         device = device or self._device.type
         autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         self._forward, self._outputs = (tuple(args), dict(kwargs), autocast), {}

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from ...fx.capture import source_name
 from ...fx.closures import backward_closure
 from ...fx.equality import same_value
-from ...fx.values import example_value, specialised
+from ...fx.values import SYMBOLIC, example_value, specialised
 from ...fx.writes import mutated_arg, written_roots
 from ..analysis import Layer, LayerStackMatch
 
@@ -70,10 +71,18 @@ def input_aliases(layers: list[Layer], members: list[int], canonical: dict[Node,
 
 
 def _one_number(nodes: list[Node]) -> bool:
-    """The nodes hold one Python number (`specialised`: a symbolic scalar the guards pin, such as an
-    unspecialised LayerNorm eps under dynamic=True), which a layer reads as a scalar: shared, never stacked."""
+    """The nodes hold one Python number, which a layer reads as a scalar: shared, never stacked. A
+    symbolic scalar counts as its pinned value (`specialised`: an unspecialised LayerNorm eps under
+    dynamic=True); unpinned ones (a cache length each layer holds) count where they are equal now,
+    and that equality becomes a guard (dynamo compiles the frame again where it fails)."""
     values = [specialised(example_value(n)) for n in nodes]
-    return isinstance(values[0], (int, float)) and all(type(v) is type(values[0]) and v == values[0] for v in values)
+    hints = [v.node.hint if isinstance(v, SYMBOLIC) else v for v in values]
+    if not isinstance(hints[0], (int, float)) or not all(type(h) is type(hints[0]) and h == hints[0] for h in hints):
+        return False
+    for value in values[1:]:
+        if isinstance(value, SYMBOLIC) or isinstance(values[0], SYMBOLIC):
+            guard_bool(value == values[0])
+    return True
 
 
 def _view_slice(nodes: list[Node]) -> tuple[Node, slice] | None:
