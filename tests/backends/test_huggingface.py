@@ -5,24 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-
-def llama():
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-def gpt2():
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=0)
-    config.eos_token_id = 0
-    return transformers.GPT2LMHeadModel(config)
+from tests.helpers.huggingface import gpt2, llama  # noqa: E402
 
 
 @pytest.mark.parametrize("build", [llama, gpt2])

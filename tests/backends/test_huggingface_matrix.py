@@ -11,16 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 T = transformers
 
-COMMON = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
+from tests.helpers.huggingface import COMMON  # noqa: E402
+
 DECODERS = {
     "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON)),
     "gemma2 (sliding windows, softcap)": lambda: T.Gemma2ForCausalLM(
