@@ -8,7 +8,8 @@ from .backends.fx_transform import snlp_transform
 from .backends.onnx_export import export_onnx
 from .backends.report import StackReport, find_layer_stack
 from .config import SNLPConfig
-from .decoding import Generation, generate, stream
+from .decoding import Generation, generate, snlp_assistant, stream
+from .decoding.onnx_generate import onnx_generate
 from .kernels import cache_write as _cache_write  # noqa: F401  (registers snlp::cache_write_, models' cache write)
 from .runtime.prepare import prepare
 from .training import SNLPRegularizer
@@ -27,7 +28,9 @@ __all__ = [
     "export_onnx",
     "find_layer_stack",
     "generate",
+    "onnx_generate",
     "prepare",
+    "snlp_assistant",
     "snlp_backend",
     "snlp_transform",
     "stream",

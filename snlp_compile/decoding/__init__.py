@@ -8,6 +8,7 @@ factory (`DecodableModel`) whose caches meet `KVCache` decodes. This package imp
 from .cache import DecodableModel, KVCache
 from .compiled import compiled_forward
 from .generate import Generation, TokenStream, generate, stream
+from .hf_assistant import snlp_assistant
 from .sampling import Sampler, verify_drafts
 from .stats import GenerationStats
 
@@ -20,6 +21,7 @@ __all__ = [
     "TokenStream",
     "compiled_forward",
     "generate",
+    "snlp_assistant",
     "stream",
     "verify_drafts",
 ]

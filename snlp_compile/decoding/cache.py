@@ -81,9 +81,16 @@ def decodable(model: nn.Module) -> DecodableModel:
     """`model`, once it is known to have every member of DecodableModel (TypeError naming the missing ones)."""
     missing = _missing(model, DecodableModel)
     if missing:
+        hint = (
+            "; a Hugging Face model decodes through its own generate(): compile its forward with "
+            "torch.compile(model.forward, backend='snlp', ...), or pass "
+            "assistant_model=snlp_compile.snlp_assistant(model) for lossless speculative decoding"
+            if callable(getattr(model, "generate", None))
+            else ""
+        )
         raise TypeError(
             f"{type(model).__name__} cannot be decoded: it has no {', '.join(missing)} "
-            "(what snlp_compile.decoding.DecodableModel describes: the model's cache factory and limits)"
+            f"(what snlp_compile.decoding.DecodableModel describes: the model's cache factory and limits){hint}"
         )
     return model  # type: ignore[return-value]
 

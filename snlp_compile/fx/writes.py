@@ -54,11 +54,11 @@ def written_arg(node: Node) -> tuple[tuple, Node] | None:
     """(position in the node's args as `flat_args` names it, node) of what an in-place op writes
     (the first written node for an op that writes several: `torch._foreach_mul_`'s list, a tuple
     passed as `out=`), or None for a pure op: a write its name, flags or schema declare
-    (`_declared_write`), else one it hides inside (`_observed_write`)."""
-    return _declared_write(node) or _observed_write(node)
+    (`declared_write`), else one it hides inside (`_observed_write`)."""
+    return declared_write(node) or _observed_write(node)
 
 
-def _declared_write(node: Node) -> tuple[tuple, Node] | None:
+def declared_write(node: Node) -> tuple[tuple, Node] | None:
     """`written_arg` by the op's name (`add_`), `inplace=True`, `out=` or aten schema annotation."""
     first = first_node(("args", 0), node.args[0]) if node.args else None
     if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):

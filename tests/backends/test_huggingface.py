@@ -85,3 +85,28 @@ def test_output_hidden_states_are_taps():
     out = torch.compile(model, backend="snlp", options=EXACT)(idx, output_hidden_states=True, use_cache=False)
     for mine, theirs in zip((out.logits, *out.hidden_states), (expected.logits, *expected.hidden_states), strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [llama, gpt2])
+@torch.no_grad()
+def test_assisted_generation_with_the_snlp_drafter_is_lossless(build):
+    """HF's assisted generation verifies the SNLP drafts with the model: greedy tokens equal the
+    model's; sampled generation runs through the same loop. The model's weights are not touched."""
+    from snlp_compile import snlp_assistant
+
+    torch.manual_seed(0)
+    model = build().eval()
+    idx = torch.randint(1, 64, (1, 7))
+    kwargs = dict(attention_mask=torch.ones_like(idx), max_new_tokens=10)
+    expected = model.generate(idx, do_sample=False, **kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assistant = snlp_assistant(model, {"iters": 1, "inner": "eager"})
+    assert all(a is b for a, b in zip(assistant.parameters(), model.parameters(), strict=True))
+    assert torch.equal(model.generate(idx, assistant_model=assistant, do_sample=False, **kwargs), expected)
+    sampled = model.generate(idx, assistant_model=assistant, do_sample=True, **kwargs)
+    assert sampled.shape == expected.shape and torch.equal(sampled[:, :7], idx)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="Hugging Face generation model"):
+        snlp_assistant(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="iters"):
+        snlp_assistant(model, {"iters": 0})

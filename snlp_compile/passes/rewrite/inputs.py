@@ -23,8 +23,8 @@ from ...fx.capture import source_name
 from ...fx.closures import backward_closure
 from ...fx.equality import same_value
 from ...fx.values import SYMBOLIC, example_value, specialised
-from ...fx.writes import mutated_arg, written_roots
-from ..analysis import Layer, LayerStackMatch
+from ...fx.writes import alias_roots, declared_write, mutated_arg, written_roots
+from ..analysis import Layer, LayerStackMatch, NotAStack
 
 
 def _roots(node: Node) -> set[Node]:
@@ -36,15 +36,17 @@ def canonical_inputs(graph: Graph, layers: list[Layer]) -> dict[Node, Node]:
     """Each layer input -> the first layer input that computes the same value (`same_value`) with no
     in-place write to what it is computed from in between (e.g. every layer's rotary tables cast to
     its dtype -> layer 0's): the rewritten graph computes each such value once, where an eager inner
-    compiler would run every copy on every call."""
+    compiler would run every copy on every call. An input a layer writes is its own (two equal zero
+    caches, one for keys and one for values, stay two tensors)."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     writes = [(order[n], _roots(n)) for n in graph.nodes if mutated_arg(n) is not None]
+    written = {root for layer in layers for root in written_roots(layer.nodes, set(layer.nodes))}
     canonical: dict[Node, Node] = {}
     representatives: dict[tuple, list[Node]] = {}  # by (op, target): only computed values can repeat
     for node in (n for layer in layers for n in layer.inputs):
         if node in canonical:
             continue
-        if node.op not in ("call_function", "call_method"):  # graph inputs (weights) are their own values
+        if node.op not in ("call_function", "call_method") or node in written:  # its own value
             canonical[node] = node
             continue
         roots, candidates = _roots(node), representatives.setdefault((node.op, node.target), [])
@@ -129,6 +131,20 @@ def _weight(node: Node) -> bool:
     return not any(isinstance(specialised(size), torch.SymInt) for size in getattr(value, "shape", ()))
 
 
+def _check_copied_writes(layer: Layer, node: Node) -> None:
+    """A "copied" input is written under vmap into a per-layer copy: only by ops that declare the write
+    (index_copy_, add_, setitem, ...), whose batching rules write each layer's copy. An op that writes
+    it without declaring so (F.batch_norm's running statistics) is refused: vmap drops such writes."""
+    own = set(layer.nodes)
+    for writer in layer.nodes:
+        target = mutated_arg(writer)
+        if target is not None and node in alias_roots(target, own) and declared_write(writer) is None:
+            raise NotAStack(
+                f"{writer.name} in layer {layer.module_index} writes {node.name}, each layer's own tensor, without "
+                "declaring the write (as batch_norm updates its running statistics): vmap would not batch it"
+            )
+
+
 def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
     """The input slots of each layer group; `cache_graph_inputs`: per-layer graph inputs (weights at
     inference) are stacked once and kept current rather than stacked inside the graph on each call.
@@ -148,6 +164,7 @@ def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_
             elif (view := _view_slice(nodes)) is not None:
                 slots.append(InputSlot("slice", view))
             elif node in written:
+                _check_copied_writes(rep, node)
                 slots.append(InputSlot("copied", nodes))
             elif cache_graph_inputs and all(n.op == "placeholder" and _weight(n) for n in nodes):
                 slots.append(InputSlot("cached", [gm_placeholders.index(n) for n in nodes]))

@@ -143,8 +143,28 @@ def test_canonical_inputs_respect_in_place_writes_in_between():
 
     graph = torch.fx.symbolic_trace(f).graph
     a, b, c, d = (n for n in graph.nodes if n.op == "call_method" and n.target == "to")
-    layers = [SimpleNamespace(inputs=[a, d]), SimpleNamespace(inputs=[b, d]), SimpleNamespace(inputs=[c, d])]
+    layers = [SimpleNamespace(inputs=[a, d], nodes=[]), SimpleNamespace(inputs=[b, d], nodes=[])]
+    layers.append(SimpleNamespace(inputs=[c, d], nodes=[]))
     assert canonical_inputs(graph, layers) == {a: a, b: b, c: b, d: d}
+
+
+def test_canonical_inputs_keep_inputs_the_layers_write_apart():
+    """Two equal zero tensors that a layer writes (a key and a value cache) stay two tensors."""
+    from types import SimpleNamespace
+
+    from snlp_compile.passes.rewrite.inputs import canonical_inputs
+
+    def f(x):
+        keys, values = torch.zeros_like(x), torch.zeros_like(x)
+        keys.add_(x)
+        values.add_(2 * x)
+        return keys, values
+
+    graph = torch.fx.symbolic_trace(f).graph
+    keys, values = (n for n in graph.nodes if n.target is torch.zeros_like)
+    writes = [n for n in graph.nodes if n.target == "add_"]
+    layers = [SimpleNamespace(inputs=[keys, values], nodes=writes)]
+    assert canonical_inputs(graph, layers) == {keys: keys, values: values}
 
 
 @pytest.mark.parametrize("inner, training", [("eager", False), ("eager", True), ("inductor", False)])

@@ -1,0 +1,153 @@
+"""Hugging Face generate() tokens/s: a Llama-shaped model (random weights) generating greedily through
+HF's own loop, sequential against SNLP, all variants in one process.
+
+Variants: HF eager (dynamic cache); the model's forward compiled by inductor with CUDA graphs and
+HF's static cache (the compile path HF recommends: the best sequential baseline); SNLP K = 1 with
+the static cache and CUDA graphs (n_par: all layers but `--n-seq`); SNLP with the dynamic cache;
+lossless speculative decoding through HF's assisted generation with `snlp_assistant` (eager inner
+compiler: its draft lengths change every round). Tokens are compared with the eager run's.
+Writes OUT/hf_generate.json.
+
+    PYTHONPATH=. python3 benchmarks/bench_hf_generate.py --out out              # 32 x 1024, bf16, CUDA
+    PYTHONPATH=. python3 benchmarks/bench_hf_generate.py --smoke --out /tmp/s   # tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.harness import environment, setup_logging
+from benchmarks.report import format_table, write_json
+from benchmarks.timing import synchronize
+
+QUESTION = "hf_generate"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; smoke 4)")
+    parser.add_argument("--width", type=int, default=None, help="hidden size (default 1024; smoke 32)")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; smoke 8)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 128; smoke 4)")
+    parser.add_argument("--n-seq", type=int, default=None, help="sequential layers of the SNLP variants (default L/4)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, float32")
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.layers = args.layers or (4 if smoke else 32)
+    args.width = args.width or (32 if smoke else 1024)
+    args.prompt = args.prompt or (8 if smoke else 512)
+    args.new_tokens = args.new_tokens or (4 if smoke else 128)
+    args.n_seq = args.layers // 4 if args.n_seq is None else args.n_seq
+    for name in ("layers", "width", "prompt", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.n_seq < args.layers:
+        parser.error(f"--n-seq must be in [0, {args.layers - 1}], got {args.n_seq}")
+    return args
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    import transformers
+
+    heads = max(1, args.width // 64)
+    config = transformers.LlamaConfig(
+        vocab_size=64 if args.smoke else 32000,
+        hidden_size=args.width,
+        intermediate_size=int(args.width * 2.75) // 8 * 8,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=args.prompt + args.new_tokens + 8,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def timed_generate(run: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
+    """(tokens, seconds of the first call (compiles), seconds of the second)."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = run()
+    synchronize(device)
+    return tokens, first, time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    setup_logging()
+    from snlp_compile import snlp_assistant
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = build(args, device, dtype)
+    ids = torch.randint(1, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    common = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, do_sample=False)
+    common.update(min_new_tokens=args.new_tokens)
+    original = type(model).forward.__get__(model)
+    cuda = device.type == "cuda"
+    snlp = {"iters": 1, "n_seq": args.n_seq}
+
+    def with_forward(forward: Callable | None, **kwargs: Any) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            model.forward = forward or original
+            try:
+                with torch.no_grad():
+                    return model.generate(ids, **common, **kwargs)
+            finally:
+                model.forward = original
+
+        return run
+
+    variants = {
+        "HF eager (dynamic cache)": with_forward(None),
+        "inductor + CUDA graphs, static cache (best)": with_forward(
+            torch.compile(original, mode="reduce-overhead" if cuda else None), cache_implementation="static"
+        ),
+        "snlp K 1, static cache" + (" +cg" if cuda else ""): with_forward(
+            torch.compile(original, backend="snlp", options={**snlp, "cudagraphs": cuda}),
+            cache_implementation="static",
+        ),
+        "snlp K 1, dynamic cache": with_forward(torch.compile(original, backend="snlp", options=snlp)),
+        "speculative: snlp_assistant (K 1, eager inner)": with_forward(
+            None, assistant_model=snlp_assistant(model, {**snlp, "inner": "eager"})
+        ),
+    }
+    rows, reference = [], None
+    for name, run in variants.items():
+        torch._dynamo.reset()
+        tokens, first, seconds = timed_generate(run, device)
+        new = tokens[:, args.prompt :]
+        reference = new if reference is None else reference
+        agree = (new == reference).float().mean().item() if new.shape == reference.shape else float("nan")
+        rows.append(dict(variant=name, tok_s=args.new_tokens / seconds, first_s=first, top1_vs_eager=agree))
+        print(f"{name}: {args.new_tokens / seconds:.1f} tok/s (first call {first:.1f} s), agreement {agree:.3f}")
+    best = next(r["tok_s"] for r in rows if "(best)" in r["variant"])
+    for row in rows:
+        row["x_best"] = row["tok_s"] / best
+    doc = dict(question=QUESTION, env=environment(device), settings=vars(args) | {"dtype": str(dtype)}, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"{QUESTION}.json", doc)
+    headers = ["variant", "tok/s", "x best", "tokens = eager", "first call s"]
+    cells = [
+        [r["variant"], f"{r['tok_s']:.1f}", f"{r['x_best']:.2f}", f"{r['top1_vs_eager']:.3f}", f"{r['first_s']:.1f}"]
+        for r in rows
+    ]
+    print(format_table(headers, cells))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
