@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import SNLPConfig
+from ..config import SNLPConfig, check_int, is_int_in
 from .cache import DecodableModel, KVCache, check_cache, decodable
 from .compiled import Forward, compiled_forward, eager_forward
 from .sampling import Sampler
@@ -69,11 +69,10 @@ def _check_arguments(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for name, value in (("max_new_tokens", max_new_tokens), ("draft_len", draft_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+    if top_k is not None and not is_int_in(top_k, 1, vocab_size):
         raise ValueError(f"top_k must be None or an integer in [1, vocab_size={vocab_size}], got {top_k!r}")
     if (
         not isinstance(prompt_ids, Tensor)

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..config import check_int
+
 INPUT_IDS = "input_ids"
 LOGITS = "logits"
 PAST = ("past_keys", "past_values")
@@ -39,8 +41,7 @@ def decode_path(path: str | Path) -> Path:
 
 def _prompt(prompt_ids: Any, max_new_tokens: int, limits: dict[str, str]) -> np.ndarray:
     """The prompt as int64 [B, T], once every argument is known to be valid (ValueError naming it)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     prompt = np.asarray(prompt_ids)
     if prompt.dtype.kind not in "iu" or prompt.ndim not in (1, 2) or 0 in prompt.shape:
         raise ValueError(
