@@ -18,12 +18,12 @@ import torch
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
-from ...fx.closures import forward_closure
+from ...fx.closures import backward_closure, forward_closure
 from ...fx.equality import is_pure
 from ...fx.randomness import random_op
 from ...fx.values import example_value, value_signature
 from ...fx.writes import alias_roots, written_arg
-from .stack import Layer, NotAStack
+from .stack import Layer, NotAStack, layer_key
 
 # What dynamo records of a context manager that sets global state for the ops traced inside it
 # (torch.no_grad, torch.autocast, ...): the call that sets the state -> the state it sets.
@@ -142,12 +142,21 @@ def check_chain(container: str, layers: list[Layer]) -> None:
                 )
 
 
+def glue_nodes(layer: Layer) -> list[Node]:
+    """The layer's nodes outside its module (the parent loop's glue before it: x0 mixing, a cast)."""
+    return [n for n in layer.nodes if layer_key(n) is None]
+
+
 def tap_readers(layers: list[Layer], taps: list[int]) -> list[Node]:
-    """The nodes outside the stack computed from a tapped state or a side output that come before the
-    stack's last node, in graph order: the rewrite runs them after the solve, which gives them their value."""
+    """The nodes the rewrite runs after the solve, which gives them their values, in graph order: those
+    outside the stack that come before its last node and read a tapped state or a side output, and the
+    glue between a tapped state and a reader outside (recomputed from the tapped state)."""
     inside = {n for layer in layers for n in layer.nodes}
     sides = {n for layer in layers for n in layer.side_outputs}
     readers = forward_closure({layers[p].state_out for p in taps} | sides) - inside
+    glue = {n for p in taps for n in glue_nodes(layers[p + 1])}
+    read = {n for n in glue if any(u not in inside for u in n.users)}
+    readers |= read | backward_closure(read, glue)
     order = {n: i for i, n in enumerate(layers[-1].state_out.graph.nodes)}
     end = order[layers[-1].state_out]
     return sorted((n for n in readers if order[n] < end), key=order.__getitem__)

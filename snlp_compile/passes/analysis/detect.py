@@ -20,7 +20,6 @@ Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` wit
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -33,25 +32,8 @@ from ...fx.closures import backward_closure, forward_closure
 from ...fx.equality import is_pure
 from ...fx.values import example_value, freeze, specialised, value_signature
 from ...fx.writes import mutated_arg, written_roots
-from .checks import check_chain, check_taps
-from .stack import Layer, LayerStackMatch, NotAStack
-
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
-
-
-def _normalise(path: str) -> str:
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    return re.sub(r"\[(\d+)\]", r".\1", path)
-
-
-def layer_key(node: Node) -> tuple[str, int] | None:
-    """(container path, index) of the outermost indexed module the node was traced in."""
-    for entry in (node.meta.get("nn_module_stack") or {}).values():
-        path = entry[0] if isinstance(entry, tuple) else str(entry)
-        match = _INDEXED.match(_normalise(path))
-        if match:
-            return match.group(1), int(match.group(2))
-    return None
+from .checks import check_chain, check_taps, glue_nodes
+from .stack import Layer, LayerStackMatch, NotAStack, layer_key
 
 
 def _canonical(nodes: list[Node], state_uses: set[Use]) -> tuple[tuple, list[Node]]:
@@ -145,9 +127,8 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
         between = forward_closure({prev_out}, non_keyed)
         glue = backward_closure(region, between)
         full = glue | region
-        # the state itself may be read outside the stack (a tap); by another layer, or through glue, not
-        stray = [(n, u) for n in (prev_out, *glue) for u in n.users if u not in full]
-        stray = [(n, u) for n, u in stray if n is not prev_out or layer_key(u) is not None]
+        # the state, or glue computed from it, may be read outside the stack (a tap), not by another layer
+        stray = [(n, u) for n in (prev_out, *glue) for u in n.users if u not in full and layer_key(u) is not None]
         if stray:
             state, user = stray[0]
             what = "the state" if state is prev_out else f"{state.name}, computed from the state"
@@ -218,9 +199,15 @@ def _state_like(
 
 
 def _taps(layers: list[Layer]) -> list[int]:
-    """The positions of the layers before the last whose output state is also read outside the stack."""
+    """The positions of the layers before the last whose output state is also read outside the stack,
+    directly or through the glue of the layer after it (`checks.tap_readers` recomputes that glue)."""
     inside = {n for layer in layers for n in layer.nodes}
-    return [p for p, layer in enumerate(layers[:-1]) if any(u not in inside for u in layer.state_out.users)]
+    read = {n for n in inside for u in n.users if u not in inside}
+    return [
+        p
+        for p, layer in enumerate(layers[:-1])
+        if layer.state_out in read or any(n in read for n in glue_nodes(layers[p + 1]))
+    ]
 
 
 def _make_layer(
@@ -321,8 +308,8 @@ def _first_layer(index: int, regions: list, outs: list, layers: list, position: 
             continue
         glue0 = found.get("glue", set())
         full = regions[0] | glue0
-        if any(u not in full for g in glue0 for u in g.users):
-            return None
+        if any(u not in full and layer_key(u) is not None for g in glue0 for u in g.users):
+            return None  # glue another layer reads (read outside the stack, it is computed there too)
         try:
             return _make_layer(index, full, found["state"], found["state_uses"], outs[0], position)
         except NotAStack:

@@ -5,6 +5,7 @@ Invariants are those of `detect.detect_layer_stack`, which builds these.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch.fx import Node
@@ -54,3 +55,21 @@ class LayerStackMatch:
         groups = f"{len(self.groups)} layer group(s) ({sizes})"
         taps = f", tapped after {[self.layers[p].module_index for p in self.taps]}" if self.taps else ""
         return f"{len(self.layers)} layers of {self.container}[{first}..{last}] in {groups}{taps}"
+
+
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _normalise(path: str) -> str:
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def layer_key(node: Node) -> tuple[str, int] | None:
+    """(container path, index) of the outermost indexed module the node was traced in."""
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        path = entry[0] if isinstance(entry, tuple) else str(entry)
+        match = _INDEXED.match(_normalise(path))
+        if match:
+            return match.group(1), int(match.group(2))
+    return None

@@ -37,12 +37,13 @@ from torch._dynamo.source import LocalSource
 from torch.fx import Graph, GraphModule, Node
 
 from ...fx.args import map_args
+from ...fx.closures import backward_closure
 from ...fx.equality import is_pure
 from ...fx.values import example_value
 from ...runtime.stack_program import StackProgram
 from ...runtime.stacked_weights import StackedWeights
-from ..analysis import StackPlan
-from ..analysis.checks import tap_readers
+from ..analysis import Layer, StackPlan
+from ..analysis.checks import glue_nodes, tap_readers
 from .inputs import InputSlot, canonical_inputs, input_aliases, plan_slots
 from .layer_graph import layer_graph
 from .lowering_list import LoweringList, Where
@@ -125,6 +126,14 @@ def _group_inputs(graph: Graph, slots: list[list[InputSlot]], cached: dict, env:
     return tuple(per_group)
 
 
+def _glue_read_outside(layer: Layer) -> set[Node]:
+    """The first layer's glue that something outside the stack reads, with what it is computed from in the
+    glue: a function of the stack's input, computed outside the stack as in the original graph too."""
+    glue = set(glue_nodes(layer))
+    read = {n for n in glue if any(u not in layer.nodes for u in n.users)}
+    return read | backward_closure(read, glue)
+
+
 def _copy(graph: Graph, node: Node, env: dict, lowerings: LoweringList) -> Node:
     """`node` copied into `graph` (arguments through `env`), retargeted where the lowering list says so
     (e.g. the LM head as one GEMV at decode)."""
@@ -178,7 +187,7 @@ def rewrite_stack(
             if slot.kind == "cached":
                 cached[(g, k)] = f"snlp_stacked_g{g}_i{k}"
                 added[cached[(g, k)]] = weights.add(slot.value, example_inputs)
-    stack_nodes = {n for layer in layers for n in layer.nodes}
+    stack_nodes = {n for layer in layers for n in layer.nodes} - _glue_read_outside(layers[0])
     last = layers[-1].state_out
     deferred = tap_readers(layers, plan.match.taps)  # they read a tapped state: after the solve
     for node in gm.graph.nodes:
