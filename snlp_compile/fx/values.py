@@ -65,3 +65,9 @@ def value_signature(node: Node) -> tuple:
 def traced(value: object) -> object:
     """The traced value of a node argument; a constant argument as it is."""
     return example_value(value) if isinstance(value, Node) else value
+
+
+def traced_tensor(value: object) -> torch.Tensor | None:
+    """The (fake) tensor a node computes, if it computes one; None for anything else."""
+    traced_value = example_value(value) if isinstance(value, Node) else None
+    return traced_value if isinstance(traced_value, torch.Tensor) else None

@@ -29,6 +29,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..fx.values import traced_tensor
+
 logger = logging.getLogger("snlp_compile")
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -115,14 +117,8 @@ _VIEWS = {
 _RESHAPES = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 
 
-def _value(node: object) -> Tensor | None:
-    """The (fake) tensor a traced node computes, if it computes one."""
-    value = node.meta.get("val") if isinstance(node, Node) else None
-    return value if isinstance(value, Tensor) else None
-
-
 def _layout(node: object) -> tuple | None:
-    value = _value(node)
+    value = traced_tensor(node)
     return None if value is None else (value.shape, value.stride(), value.storage_offset(), value.dtype)
 
 
@@ -142,7 +138,7 @@ def simplify_views(gm: GraphModule) -> int:
         source = node.args[0]
         if node.target in _RESHAPES and source.op == "call_function" and source.target in _RESHAPES:
             inner = source.args[0]
-            value = _value(inner)
+            value = traced_tensor(inner)
             if value is not None and value.is_contiguous():
                 node.args, source = (inner, *node.args[1:]), inner
         key = repr((node.target, node.args, node.kwargs))  # args hold lists; nodes print as their unique names

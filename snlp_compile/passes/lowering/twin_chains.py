@@ -36,7 +36,7 @@ from torch.fx import Graph, Node
 
 from ...fx import ops
 from ...fx.args import leaves, rebuild
-from ...fx.values import example_value
+from ...fx.values import example_value, traced_tensor
 from ...fx.writes import mutated_arg
 from ...kernels import rms_norm as _rms_norm  # noqa: F401  (registers snlp::rms_norm)
 from ..rewrite.lowering_list import Lowering, Where
@@ -77,11 +77,6 @@ _CATS = ops.CAT
 _TRANSPOSES = {torch.transpose, "transpose"}
 
 Twins = dict[Node, Node]  # side a's chain op -> side b's
-
-
-def _tensor(node: Any) -> Tensor | None:
-    value = example_value(node) if isinstance(node, Node) else None
-    return value if isinstance(value, Tensor) else None
 
 
 def _sizes(sizes: Any) -> tuple:
@@ -129,19 +124,20 @@ def _argument(node: Node, position: int, name: str, default: Any = None) -> Any:
 
 def _separable(node: Node, chain: set[Node], dim: int, rank: int) -> bool:
     """`node` acts on each index of dim `dim` of its chain operands on its own (module docstring)."""
-    out = _tensor(node)
+    out = traced_tensor(node)
     if out is None or out.dim() != rank or mutated_arg(node) is not None:
         return False
     operands = [leaf for _, leaf in leaves((node.args, node.kwargs)) if isinstance(leaf, Node)]
     inside = [leaf for leaf in operands if leaf in chain]
-    outside = [_tensor(leaf) for leaf in operands if leaf not in chain]
+    outside = [traced_tensor(leaf) for leaf in operands if leaf not in chain]
     method = node.op == "call_method"
     if (method and node.target in _UNARY_METHODS) or (not method and node.target in _UNARY_FUNCTIONS):
         return not outside and len(inside) == 1 and node.args[:1] == (inside[0],)
     if (method and node.target in _BINARY_METHODS) or (not method and node.target in _BINARY_FUNCTIONS):
         # the chain operands are not broadcast; the other tensors broadcast along dim (size 1 there,
         # or no such dim); non-tensor operands are constants
-        if any(_tensor(leaf) is None or _sizes(_tensor(leaf).shape) != _sizes(out.shape) for leaf in inside):
+        shapes = [traced_tensor(leaf) for leaf in inside]
+        if any(t is None or _sizes(t.shape) != _sizes(out.shape) for t in shapes):
             return False
         return all(t is not None and (t.dim() < rank - dim or _sizes(t.shape)[dim - rank] == 1) for t in outside)
     if node.target in _TRANSPOSES:  # the other two dims trade places; dim stays where it is
@@ -173,7 +169,7 @@ def _twin_of(node: Node, twins: Twins, taken: set[Node], order: dict[Node, int])
 
 def _grow(graph: Graph, a: Node, b: Node, dim: int, order: dict[Node, int]) -> Twins:
     """Twin ops (side a -> side b) reachable from the seeds (a, b), fused along `dim`."""
-    rank = _tensor(a).dim()
+    rank = traced_tensor(a).dim()
     twins, taken = {a: b}, {a, b}
     for node in graph.nodes:
         if node in taken or not any(arg in twins for arg in node.all_input_nodes):
@@ -183,10 +179,11 @@ def _grow(graph: Graph, a: Node, b: Node, dim: int, order: dict[Node, int]) -> T
         if not _separable(node, set(twins), dim, rank):
             continue
         other = _twin_of(node, twins, taken, order)
-        if other is None or _tensor(other) is None:
+        if other is None or traced_tensor(other) is None:
             continue
-        so, sn = _sizes(_tensor(other).shape), _sizes(_tensor(node).shape)
-        if so[:dim] + so[dim + 1 :] != sn[:dim] + sn[dim + 1 :] or _tensor(other).dtype != _tensor(node).dtype:
+        theirs, mine = traced_tensor(other), traced_tensor(node)
+        so, sn = _sizes(theirs.shape), _sizes(mine.shape)
+        if so[:dim] + so[dim + 1 :] != sn[:dim] + sn[dim + 1 :] or theirs.dtype != mine.dtype:
             continue
         twins[node] = other
         taken.update((node, other))
@@ -218,7 +215,7 @@ def _gain(a: Node, b: Node, twins: Twins, order: dict[Node, int], writes: list[i
 def _seed_dims(a: Node, b: Node) -> list[int]:
     """Dims along which a and b could be concatenated: where their shapes differ, else any; only
     dims of static size (the split sizes are constants of the graph)."""
-    va, vb = _tensor(a), _tensor(b)
+    va, vb = traced_tensor(a), traced_tensor(b)
     if va is None or vb is None or (va.dim(), va.dtype, va.device) != (vb.dim(), vb.dtype, vb.device):
         return []
     sa, sb = _sizes(va.shape), _sizes(vb.shape)
@@ -233,7 +230,7 @@ def _candidates(graph: Graph) -> list[tuple[int, Node, Node, int, Twins]]:
     writes = [order[n] for n in graph.nodes if mutated_arg(n) is not None]
     readers: dict[tuple, list[Node]] = {}
     for node in graph.nodes:
-        if _tensor(node) is not None:
+        if traced_tensor(node) is not None:
             for key in dict.fromkeys((user.op, user.target) for user in node.users):
                 readers.setdefault(key, []).append(node)
     found, seen = [], set()
@@ -268,15 +265,15 @@ def _simulate(a: Node, b: Node, dim: int, twins: Twins) -> dict[Node, Any] | Non
     by side along dim, or a half read outside would have other strides than its original."""
     chain = set(twins) | set(twins.values())
     # the mode the traced values belong to (not the tracing context's: the backend may run in another)
-    mode = getattr(_tensor(a), "fake_mode", None) or FakeTensorMode(allow_non_fake_inputs=True)
+    mode = getattr(traced_tensor(a), "fake_mode", None) or FakeTensorMode(allow_non_fake_inputs=True)
     values: dict[Any, Any] = {}
     try:
         with mode:
-            values[a] = torch.cat([_tensor(a), _tensor(b)], dim=dim)
+            values[a] = torch.cat([traced_tensor(a), traced_tensor(b)], dim=dim)
             for node, other in twins.items():
                 mapping = {n: values.get(n, example_value(n)) for n in node.all_input_nodes}
                 value = _call(node, _mirror(node.args, mapping), _mirror(node.kwargs, mapping))
-                mine, theirs = _tensor(node), _tensor(other)
+                mine, theirs = traced_tensor(node), traced_tensor(other)
                 expected = list(_sizes(mine.shape))
                 expected[dim] = mine.shape[dim] + theirs.shape[dim]
                 if not isinstance(value, Tensor) or _sizes(value.shape) != tuple(expected) or value.dtype != mine.dtype:
