@@ -313,8 +313,8 @@ class SNLPRegularizer:
         ):
             return [outputs[p] for p in range(len(stack))]
         trace = []
-        for layer, side in zip(stack.layers, inputs, strict=True):
-            state = layer(state, *side)
+        for p, side in enumerate(inputs):
+            state = stack.layer(p, state, side)
             trace.append(state)
         return trace
 
@@ -338,7 +338,7 @@ class SNLPRegularizer:
         first = len(stack) - n_par
 
         def layer(p: int) -> Callable[[Tensor], Tensor]:
-            return lambda h: stack.layers[p](h, *inputs[p])
+            return lambda h: stack.layer(p, h, inputs[p])
 
         surrogate = stack.surrogate(inputs, first)
         if self._paper_stride is not None and surrogate.kind != "mix":

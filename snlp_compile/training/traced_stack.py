@@ -60,6 +60,11 @@ class TracedStack:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def layer(self, position: int, state: Tensor, inputs: list[Any]) -> Tensor:
+        """Layer `position` on `state`: its new state (side outputs, such as a cache's keys, dropped)."""
+        out = self.layers[position](state, *inputs)
+        return out[0] if isinstance(out, tuple) else out
+
     def side_inputs(self, model: nn.Module, args: Sequence[Any], kwargs: dict) -> tuple[Tensor, list[list[Any]]]:
         """(layer 0's state, each layer's side inputs) for the forward `model(*args, **kwargs)`."""
         values = self.inputs_program(*graph_inputs(self.graph, model, args, kwargs))

@@ -420,3 +420,21 @@ def test_relative_error_weighs_every_token_equally():
     assert relative_error(approx, target).item() == pytest.approx(0.5)
     streams = torch.randn(2, 3, 4, 8)  # MHC state [B, T, M, d]: one vector per token over streams and width
     assert relative_error(2 * streams, streams).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_hugging_face_llama_is_regularised(use_cache):
+    """Found by the same analysis as the backend's: with the default DynamicCache too (its keys and
+    values are side outputs of the layers, dropped by the solve the loss compares)."""
+    pytest.importorskip("transformers")
+    from tests.helpers.huggingface import llama
+
+    torch.manual_seed(0)
+    model = llama()
+    reg = SNLPRegularizer(model, weight=1.0, n_par=4)
+    idx = torch.randint(1, 64, (2, 8))
+    model(idx, use_cache=use_cache)
+    loss = reg.loss()
+    assert loss.item() > 0
+    loss.backward()
+    assert all(layer.mlp.down_proj.weight.grad.abs().sum() > 0 for layer in model.model.layers)
