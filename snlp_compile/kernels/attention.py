@@ -3,7 +3,7 @@
 `torch.vmap` over `F.scaled_dot_product_attention` has no batching rule for some backends (the
 CPU flash kernel runs layer by layer) and hands the CUDA efficient kernel a mask it rejects (at
 batch above 1, and for a float32 query, which that kernel serves at any batch). The rewrite
-evaluates all layers of a fusion group under vmap, so its layer graphs call this op instead.
+evaluates all layers of a layer group under vmap, so its layer graphs call this op instead.
 Invariants:
 
 - forward and backward equal `F.scaled_dot_product_attention` and its autograd gradient;
