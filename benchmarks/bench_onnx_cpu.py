@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.harness import environment, setup_logging
 from benchmarks.report import format_table, write_json
+from benchmarks.timing import time_calls
 from benchmarks.variants import build_model, compare
 from snlp_compile import SNLPConfig, export_onnx
 from snlp_compile.decoding.onnx_generate import INPUT_IDS, PAST, decode_path
@@ -64,14 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def call_times(fn: Callable[[], Any], calls: int) -> list[float]:
-    """Wall times in ms of `calls` back-to-back calls."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+CPU = torch.device("cpu")
 
 
 def sessions(path: Path, threads: int) -> tuple[onnxruntime.InferenceSession, onnxruntime.InferenceSession]:
@@ -105,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     token = rng.integers(0, model.config.vocab_size, (1, 1), dtype=np.int64)
     doc = {
         "question": QUESTION,
-        "env": environment(torch.device("cpu")) | {"onnxruntime": onnxruntime.__version__},
+        "env": environment(CPU) | {"onnxruntime": onnxruntime.__version__},
         "settings": vars(args) | {"n_layer": n_layer, "context": context, "dtype": "float32"},
         "rows": [],
     }
@@ -123,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             calls[name, f"forward {args.seq_len}", args.seq_len] = forward
         samples: dict[tuple[str, str, int], list[float]] = {key: [] for key in calls}
         for fn in calls.values():
-            call_times(fn, args.warmup)
+            time_calls(fn, CPU, 0, args.warmup)
         for round_ in range(args.rounds):  # the variants alternate: both see the same load on the host
             for key in list(calls) if round_ % 2 == 0 else list(calls)[::-1]:
-                samples[key] += call_times(calls[key], args.calls)
+                samples[key] += time_calls(calls[key], CPU, 0, args.calls)
         for (name, workload, tokens), times in samples.items():
             ms = statistics.median(times)
             doc["rows"].append(

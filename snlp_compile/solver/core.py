@@ -326,7 +326,8 @@ def solve_trace(stack: LayerStack, h0: Tensor, config: SNLPConfig, iters: int | 
 def solve_states(stack: LayerStack, h0: Tensor, config: SNLPConfig, positions: Sequence[int]) -> list[Tensor]:
     """The SNLP solve's state after each layer of `positions` (each in `pinned_states`; ValueError
     otherwise), in one solve: exact where `solve` is, and the states before the last are taps."""
-    unpinned = sorted(set(positions) - pinned_states(len(stack), config))
+    taps = set(positions) - {len(stack) - 1}  # the final state is always pinned: `solve` checks nothing
+    unpinned = sorted(taps - pinned_states(len(stack), config)) if taps else []
     if unpinned:
         raise ValueError(f"layers {unpinned} end inside a fused super-layer: the solve has no state after them")
     wanted, states, h = set(positions), {}, h0
