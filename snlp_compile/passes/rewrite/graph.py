@@ -96,10 +96,12 @@ def _program(
 
     one_layer = graphs(Where.ONE_LAYER) if lowerings.one_layer_graphs else None
     batched = [[slot.batched for slot in group] for group in slots]
-    program = StackProgram(graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config)
-    program.taps = list(plan.match.taps)
-    group_of = {p: g for g, members in enumerate(groups) for p in members}
-    program.side_outputs = [len(layer.side_outputs) + len(copied[group_of[p]]) for p, layer in enumerate(layers)]
+    program = StackProgram(
+        graphs(Where.BATCHED), one_layer, groups, batched, plan.recipes, plan.config, taps=plan.match.taps
+    )
+    program.side_outputs = [
+        len(layer.side_outputs) + len(copied[program.group_of[p]]) for p, layer in enumerate(layers)
+    ]
     return program
 
 
@@ -176,7 +178,8 @@ def rewrite_stack(
     canonical = canonical_inputs(gm.graph, layers)
     slots = plan_slots(placeholders, plan.match, cache_graph_inputs=not stack_in_graph)
     graph, env, weights = Graph(), {}, StackedWeights()
-    added: dict[str, Tensor | nn.Module] = {"snlp_stack": _program(gm, plan, lowerings, slots, canonical)}
+    program = _program(gm, plan, lowerings, slots, canonical)
+    added: dict[str, Tensor | nn.Module] = {"snlp_stack": program}
     cached: dict[tuple[int, int], str] = {}
     for node in placeholders:
         env[node] = graph.node_copy(node, env.__getitem__)
@@ -201,12 +204,11 @@ def rewrite_stack(
         per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: plan.config.n_seq])
         per_group = _group_inputs(graph, slots, cached, env, canonical)
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, per_group))
-        group_of = {p: g for g, members in enumerate(plan.match.groups) for p in members}
         copied = _copied(slots)
         sides = [
             item
             for p, layer in enumerate(layers)
-            for item in (*layer.side_outputs, *(("copy", layer.inputs[k]) for k in copied[group_of[p]]))
+            for item in (*layer.side_outputs, *(("copy", layer.inputs[k]) for k in copied[program.group_of[p]]))
         ]
         _bind_outputs(graph, out, [last, *(layers[p].state_out for p in plan.match.taps), *sides], env)
         for reader in deferred:
