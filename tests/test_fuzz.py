@@ -33,10 +33,10 @@ class FuzzLayer(nn.Module):
         scratch=False,
         index_add=False,
         running_stats=False,
-        einsum=False,
+        mixing="matmul",
     ):
         super().__init__()
-        self.norm, self.gate, self.x0, self.einsum = norm, gate, x0, einsum
+        self.norm, self.gate, self.x0, self.mixing = norm, gate, x0, mixing
         self.draw, self.scratch, self.index_add, self.running_stats = draw, scratch, index_add, running_stats
         if running_stats:
             self.register_buffer("running_mean", torch.zeros(width))
@@ -45,6 +45,7 @@ class FuzzLayer(nn.Module):
         self.act = act
         self.scale = nn.Parameter(torch.tensor(0.9)) if gate == "param" else None
         self.mix = nn.Parameter(torch.randn(streams, streams)) if streams > 1 else None
+        self.mix_proj = nn.Linear(width, streams)  # the dynamic form's per-token mixing from the state
 
     def branch(self, x, side):
         if self.norm == "pre":
@@ -70,9 +71,11 @@ class FuzzLayer(nn.Module):
         return nn.functional.layer_norm(y, y.shape[-1:]) if self.norm == "post" else y
 
     def forward(self, h, side, x0):
-        if self.mix is not None:  # stream mixing as a matmul or an einsum
+        if self.mix is not None:  # stream mixing as a matmul, an einsum, or per token from the state
             mix = sinkhorn(self.mix, 5)
-            skip = torch.einsum("ij,btjd->btid", mix, h) if self.einsum else mix @ h
+            if self.mixing == "dynamic":
+                mix = mix + 0.2 * torch.tanh(self.mix_proj(h))
+            skip = torch.einsum("ij,btjd->btid", mix, h) if self.mixing == "einsum" else mix @ h
             return skip + 0.5 * self.branch(h.mean(-2), side).unsqueeze(-2)
         skip = h * self.scale if self.gate == "param" else (0.8 * h if self.gate == "const" else h)
         out = skip + 0.5 * self.branch(h, side)
@@ -94,7 +97,7 @@ class FuzzModel(nn.Module):
             scratch=rng.random() < 0.3,
             index_add=rng.random() < 0.3,
             running_stats=rng.random() < 0.15,
-            einsum=rng.random() < 0.5,
+            mixing=rng.choice(["matmul", "einsum", "dynamic"]),
         )
         self.layers = nn.ModuleList(
             [FuzzLayer(self.width, self.streams, act=acts[i % 2 if hetero else 0], **common) for i in range(depth)]
@@ -151,7 +154,7 @@ def _fuzz_case(seed: int) -> tuple[FuzzModel, SNLPConfig, int, random.Random]:
     model = FuzzModel(rng)
     depth = len(model.layers)
     n_seq = rng.randint(0, depth - 2)
-    blocks = rng.randint(1, depth - n_seq)
+    blocks = rng.randint(1, depth - 1 - n_seq)  # at most the parallel layers of a stack without layer 0
     config = SNLPConfig(n_seq=n_seq, blocks=blocks, init=rng.choice(["h0", "batch_fwd"]), inner="eager")
     return model, config, max(len(sizes) for _, sizes in schedule(depth, config)), rng
 

@@ -4,7 +4,9 @@ Invariants: `StackProgram(state, per_layer, per_group)` returns what `solver.sol
 stack whose layers the layer graphs compute (with taps, a tuple: that state first, then the
 `solver.solve_states` estimates of the tapped states); the n_seq sequential layers run one at a time from
 `per_layer`, the parallel ones as one vmapped call per layer group from `per_group` (inputs stacked
-on a leading axis where `batched` says they differ between the group's layers).
+on a leading axis where `batched` says they differ between the group's layers). A layer graph returns
+its state, then its side outputs, then the values its group's surrogate recipe needs at each
+evaluation (`SurrogateRecipe.dynamic_nodes`); with those, J is taken at each layer's latest evaluation.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ class LayerCalls:
 
     def __init__(self, program: StackProgram, per_layer: tuple, per_group: tuple):
         self.program, self.per_layer, self.per_group = program, per_layer, per_group
-        self.surrogate = program.surrogate(per_group)
+        dynamic = any(r.dynamic_nodes for r in program.recipes)
+        self.surrogate = LatestSurrogate(self) if dynamic else program.surrogate(per_group)
         self.side_outputs: dict[int, tuple] = {}  # layer -> its side outputs at its latest evaluation
+        self.jacobian_values: dict[int, tuple] = {}  # layer -> its recipe's dynamic node values, likewise
 
     def _state(self, positions: list[int], result: Tensor | tuple, batched: bool) -> Tensor:
-        """The state of a layer call's result, keeping its side outputs (one call per layer in
-        `positions`; `batched`: the values carry a leading layer axis)."""
+        """The state of a layer call's result, keeping its side outputs and dynamic surrogate values
+        (one call per layer in `positions`, all of one group; `batched`: the values carry a leading
+        layer axis)."""
         if not isinstance(result, tuple):
             return result
-        state, *sides = result
+        state, *rest = result
+        count = len(self.program.recipes[self.program.group_of[positions[0]]].dynamic_nodes)
+        cut = len(rest) - count
         for i, p in enumerate(positions):
-            self.side_outputs[p] = tuple(side[i] for side in sides) if batched else tuple(sides)
+            values = [value[i] for value in rest] if batched else rest
+            self.side_outputs[p], self.jacobian_values[p] = tuple(values[:cut]), tuple(values[cut:])
         return state
 
     def __len__(self) -> int:
@@ -73,6 +81,30 @@ class LayerCalls:
         for local, ys in parts:
             out = out.index_copy(0, torch.tensor(local, device=hs.device), ys)
         return out
+
+
+class LatestSurrogate:
+    """The surrogate of a stack whose J depends on the state: sliced by position, J of those layers
+    at their latest evaluation (the solver slices right after evaluating them)."""
+
+    def __init__(self, calls: LayerCalls):
+        self.calls = calls
+
+    def __getitem__(self, index: slice) -> Surrogate:
+        calls, program = self.calls, self.calls.program
+        start, stop, _ = index.indices(len(calls))
+        recipes, inputs, positions, nodes = [], [], [], []
+        for g, members in enumerate(program.groups):
+            inside = [i for i, p in enumerate(members) if start <= p < stop]
+            if not inside:
+                continue
+            stacked = zip(calls.per_group[g], program.batched[g], strict=True)
+            recipes.append(program.recipes[g])
+            inputs.append([x[torch.tensor(inside, device=x.device)] if on else x for x, on in stacked])
+            positions.append([members[i] - start for i in inside])
+            values = zip(*(calls.jacobian_values[members[i]] for i in inside), strict=True)  # per node, per layer
+            nodes.append(dict(zip(program.recipes[g].dynamic_nodes, map(torch.stack, values), strict=True)))
+        return stack_surrogate(recipes, inputs, positions, nodes)
 
 
 class StackProgram(nn.Module):

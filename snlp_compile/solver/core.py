@@ -2,7 +2,9 @@
 
 A *layer stack* is anything with `len(stack)`, `stack.layer(i, h) -> h'` (one layer) and
 `stack.layers(start, hs) -> hs'` (layers start..start+n-1 applied to hs[0..n-1] at once), plus a
-`surrogate` (one Jacobian surrogate per layer). Invariants:
+`surrogate` (one Jacobian surrogate per layer; sliced by position). The solve reads the surrogate of
+layers right after evaluating them, so a stack whose J depends on the state (dynamic mixing) gives
+J at the current iterate: `stack.surrogate` then reflects each layer's latest evaluation. Invariants:
 
 - `solve` with fuse = 1 and iters >= the largest block size (>= size - 1 with init="batch_fwd")
   reproduces `reference.sequential` up to float rounding, for every surrogate and damping, and
@@ -43,7 +45,8 @@ class Surrogate:
     """Per-layer Jacobian surrogates J_l of a stack of n layers.
 
     kind "identity": J = I (values None); "scale": J = a_l * I (values [n]); "mix": J = H_l acting
-    on the stream axis (values [n, M, M]). `stream` = (dim, inner) says where the M streams are in a
+    on the stream axis (values [n, M, M], or [n, ..., M, M] with a matrix per batch element or token of
+    a state [..., M, d], broadcast from the right). `stream` = (dim, inner) says where the M streams are in a
     state: dim `dim` (negative) of the state, split as (outer, M, inner), so the default (-2, 1) is a
     state [..., M, d] with J h = H_l @ h, and (-3, 1) streams folded into the batch of [B * M, T, d].
     """
@@ -59,8 +62,8 @@ class Surrogate:
             raise ValueError("Surrogate: values must be None exactly for the identity kind")
         if self.kind == "scale" and self.values.dim() != 1:
             raise ValueError(f"scale surrogate values must be [n], got {tuple(self.values.shape)}")
-        if self.kind == "mix" and (self.values.dim() != 3 or self.values.shape[1] != self.values.shape[2]):
-            raise ValueError(f"mix surrogate values must be [n, M, M], got {tuple(self.values.shape)}")
+        if self.kind == "mix" and (self.values.dim() < 3 or self.values.shape[-1] != self.values.shape[-2]):
+            raise ValueError(f"mix surrogate values must be [n, ..., M, M], got {tuple(self.values.shape)}")
 
     def __getitem__(self, index: slice) -> Surrogate:
         return self if self.values is None else Surrogate(self.kind, self.values[index], self.stream)
@@ -73,7 +76,7 @@ class Surrogate:
             return self.values.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * x
         mix = self.values.to(x.dtype)
         if self.stream == (-2, 1):
-            return mix.reshape(mix.shape[0], *([1] * (x.dim() - 3)), *mix.shape[1:]) @ x
+            return mix.reshape(mix.shape[0], *([1] * (x.dim() - mix.dim())), *mix.shape[1:]) @ x
         dim, inner = self.stream
         streams = x.unflatten(dim, (-1, mix.shape[-1], inner)).movedim(dim - 1, -1)  # [n, ..., M]
         mixed = torch.einsum("n...j,nij->n...i", streams, mix)
@@ -87,6 +90,7 @@ class Surrogate:
         eye = torch.ones((), dtype=self.values.dtype, device=self.values.device)
         if self.kind == "mix":
             eye = torch.eye(self.values.shape[-1], dtype=self.values.dtype, device=self.values.device)
+            eye = eye.expand(self.values.shape[1:])
         after, whole, start = [], [], 0
         for size in sizes:
             acc = eye
@@ -160,9 +164,10 @@ def _super_layers(stack: LayerStack, start: int, sizes: list[int], u: Tensor) ->
         return stack.layers(start, u)
     group_of = torch.tensor([g for g, size in enumerate(sizes) for _ in range(size)], device=u.device)
     member_inputs = u.index_select(0, group_of)
-    per_layer = stack.surrogate[start : start + n]
+    evaluated = stack.layers(start, member_inputs)
+    per_layer = stack.surrogate[start : start + n]  # after the evaluation: J at the members' inputs
     after, whole = per_layer.compose(sizes)
-    updates = after.apply(stack.layers(start, member_inputs) - per_layer.apply(member_inputs))
+    updates = after.apply(evaluated - per_layer.apply(member_inputs))
     return whole.apply(u).index_add(0, group_of, updates)
 
 
@@ -197,7 +202,7 @@ def _scan_last(whole: Surrogate, c: float, last: Tensor, r: Tensor) -> Tensor:
 
 
 def _block_surrogate(stack: LayerStack, start: int, sizes: list[int]) -> Surrogate:
-    """A_g, the surrogate of each super-layer of the block as a whole."""
+    """A_g, the surrogate of each super-layer of the block as a whole (at the latest evaluation)."""
     return stack.surrogate[start : start + sum(sizes)].compose(sizes)[1]
 
 
@@ -234,11 +239,11 @@ def _block_iterates(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Newton iterations over one block, without end: (block output, super-layer inputs [C]) after
     iteration 1, 2, ... The block input u_1 = x never changes; u_{g+1} becomes F_g(u_g) + p_g."""
-    whole = _block_surrogate(stack, start, sizes)
     u = _initial_inputs(stack, start, sizes, x, config)
     c = 1.0 - config.damping
     while True:
-        corrected = _scan(whole, c, *_evaluate(stack, start, sizes, u))
+        outputs, r = _evaluate(stack, start, sizes, u)
+        corrected = _scan(_block_surrogate(stack, start, sizes), c, outputs, r)
         u = torch.cat([u[:1], corrected[:-1]])
         yield corrected[-1], u
 

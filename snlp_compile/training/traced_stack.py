@@ -13,6 +13,8 @@ itself is recomputed here; no layer writes in place to what it reads (a KV cache
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +28,13 @@ from ..fx.capture import capture_graphs, graph_inputs
 from ..fx.closures import backward_closure
 from ..fx.writes import written_roots
 from ..passes.analysis import LayerStackMatch, NotAStack, analyse
+from ..passes.analysis.stack import module_paths
 from ..passes.rewrite import LoweringList, Where
 from ..passes.rewrite.layer_graph import layer_graph
 from ..solver import Surrogate
 from ..solver.recipe import SurrogateRecipe, stack_surrogate
+
+logger = logging.getLogger("snlp_compile")
 
 
 def _inputs_program(gm: GraphModule, match: LayerStackMatch) -> tuple[GraphModule, list[Node]]:
@@ -83,10 +88,10 @@ def _block(model: nn.Module, container: str, index: int) -> nn.Module | None:
     prefix = "L['self']"
     if not container.startswith(prefix):
         return None
-    try:
-        return model.get_submodule(".".join(p for p in (container[len(prefix) + 1 :], str(index)) if p))
-    except AttributeError:
-        return None
+    for path in module_paths(container, index):
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(path[len(prefix) + 1 :])
+    return None
 
 
 def trace_stack(model: nn.Module, args: Sequence[Any], kwargs: dict, config: SNLPConfig, who: str) -> TracedStack:
@@ -116,10 +121,17 @@ def trace_stack(model: nn.Module, args: Sequence[Any], kwargs: dict, config: SNL
                 "training forwards without a cache"
             )
     program, outputs = _inputs_program(gm, match)
+    recipes = [plan.recipes[next(g for g, m in enumerate(match.groups) if p in m)] for p in range(len(match.layers))]
+    if any(r.dynamic_nodes for r in recipes):
+        logger.info(
+            "%s: the stream mixing depends on the state (dynamic); the regulariser's solve takes its "
+            "state-independent part as J (the compiled solve takes H at each iterate)",
+            who,
+        )
     return TracedStack(
         graph=gm,
         match=match,
-        recipes=[plan.recipes[next(g for g, m in enumerate(match.groups) if p in m)] for p in range(len(match.layers))],
+        recipes=[r.static() for r in recipes],
         layers=[layer_graph(gm, layer, LoweringList(), Where.ONE_LAYER) for layer in match.layers],
         inputs_program=program,
         outputs=outputs,

@@ -99,3 +99,16 @@ class FoldedMHC(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(norm(x.view(b, self.streams, t, -1).sum(1)))
+
+
+class BlockStack(nn.Module):
+    """`depth` blocks of one class applied in turn: the plainest layer stack."""
+
+    def __init__(self, block, depth: int = 4):
+        super().__init__()
+        self.blocks = nn.ModuleList([block() for _ in range(depth)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x

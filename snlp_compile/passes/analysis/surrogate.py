@@ -4,8 +4,11 @@ The pass interprets a layer's state-dependent nodes abstractly: the state is `I`
 value that does not depend on the state, or a residual branch (anything nonlinear in the
 state), keeps the form; multiplying by a scalar that does not depend on the state gives a
 scaled identity; `M @ h` with a square state-independent M over the stream axis is stream
-mixing (HCN). Invariant: the recipe only refers to the layer's external inputs or constants, so
-it can be evaluated once per call from the per-layer inputs, outside the Newton iterations.
+mixing (HCN). Invariant: the recipe refers to the layer's external inputs or constants, so it is
+evaluated once per call from the per-layer inputs, outside the Newton iterations; the one exception is
+mixing by a matrix the layer computes from its state (dynamic hyper-connections, `H(h) @ h` on a
+state [..., M, d]): that factor refers to the layer's node (("node", index in `layer.nodes`)), which
+the layer returns at every evaluation, so the solve applies H at the current iterate.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ class _Form:
 
 
 def _operand(value, layer: Layer, forms: dict) -> object:
+    """A value's form; a node nonlinear in the state as ("node", its index), where it may be a mixing matrix."""
     if isinstance(value, Node):
         if value in forms:
-            return forms[value]
+            return ("node", layer.nodes.index(value)) if forms[value] == BRANCH else forms[value]
         return ("input", layer.inputs.index(value))
     return ("const", value)
 
@@ -118,7 +122,7 @@ def _form_of(node: Node, operands: list, layer: Layer, state: object) -> object:
 
 
 def _scaled(form: _Form, other: list, layer: Layer, divide: bool) -> object:
-    if len(other) != 1 or not isinstance(other[0], tuple):
+    if len(other) != 1 or not isinstance(other[0], tuple) or other[0][0] == "node":
         return BRANCH
     ref = other[0]
     if ref[0] == "const":
@@ -179,14 +183,20 @@ def _stream_axis(probe: torch.Tensor, axis: int, m: int, state_shape: list[int])
 
 
 def _mixed(form: _Form, matrix: object, axis: int, transposed: bool, layer: Layer, node: Node, state: object) -> object:
-    """The form after a state-independent square matrix mixes axis `axis` of it (HCN)."""
-    if not isinstance(matrix, tuple) or matrix[0] != "input":
+    """The form after a square matrix mixes axis `axis` of it (HCN): a state-independent [M, M] along any
+    stream axis; [..., M, M] per batch element or token, or computed by the layer from its state
+    (dynamic), over a state [..., M, d] in its own layout."""
+    if not isinstance(matrix, tuple) or matrix[0] not in ("input", "node"):
         return BRANCH
-    value = example_value(layer.inputs[matrix[1]])
-    if not (isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == value.shape[1]):
+    dynamic = matrix[0] == "node"
+    value = example_value((layer.nodes if dynamic else layer.inputs)[matrix[1]])
+    if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == value.shape[-2]):
         return BRANCH
-    m = specialised(value.shape[0])
-    if form.probe is None and axis == -2 and state.dim() >= 2 and specialised(state.shape[-2]) == m:
+    m = specialised(value.shape[-1])
+    own_layout = form.probe is None and axis == -2 and state.dim() >= 2 and specialised(state.shape[-2]) == m
+    if (dynamic or value.dim() > 2) and not (own_layout and _broadcasts(value.shape[:-2], state.shape[:-2])):
+        return BRANCH  # a matrix per batch element (or token) mixes only a state [..., M, d] in its own layout
+    if own_layout:
         stream = (-2, 1)
     else:
         probe = _probe(form, state)
@@ -194,7 +204,15 @@ def _mixed(form: _Form, matrix: object, axis: int, transposed: bool, layer: Laye
         stream = None if probe is None or not isinstance(m, int) else _stream_axis(probe, axis, m, shape)
         if stream is None:
             return BRANCH
-    return _Form((*form.factors, ("mix", matrix, stream, transposed)), form.probe)
+    return _Form((*form.factors, ("mix", matrix, stream, transposed, value.dim())), form.probe)
+
+
+def _broadcasts(batch: torch.Size, state_batch: torch.Size) -> bool:
+    """A matrix's batch dims broadcast against the state's without enlarging it (right-aligned)."""
+    if len(batch) > len(state_batch):
+        return False
+    pairs = zip(reversed(batch), reversed(state_batch), strict=False)
+    return all(specialised(a) == 1 or a is b or specialised(a) == specialised(b) for a, b in pairs)
 
 
 def _einsum(node: Node, form: _Form, operands: list, layer: Layer, state: object) -> object:
@@ -232,6 +250,10 @@ def choose_recipe(layer: Layer, requested: str) -> SurrogateRecipe:
             "and this model has none; use surrogate='auto' or 'identity'"
         )
     if recipe is None:
-        logger.warning("snlp: no skip path found in layer %d; using the identity surrogate (IDN)", layer.module_index)
+        logger.warning(
+            "snlp: no skip path the surrogate can express (identity, scale or stream mixing) in layer %d; "
+            "using the identity surrogate (IDN)",
+            layer.module_index,
+        )
         return SurrogateRecipe()
     return recipe

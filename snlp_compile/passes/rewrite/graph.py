@@ -90,8 +90,8 @@ def _program(
 
     def graphs(where: Where) -> list[GraphModule]:
         return [
-            layer_graph(gm, layers[m[0]], lowerings, where, a, c)
-            for m, a, c in zip(groups, aliases, copied, strict=True)
+            layer_graph(gm, layers[m[0]], lowerings, where, a, c, r.dynamic_nodes)
+            for m, a, c, r in zip(groups, aliases, copied, plan.recipes, strict=True)
         ]
 
     one_layer = graphs(Where.ONE_LAYER) if lowerings.one_layer_graphs else None

@@ -39,13 +39,15 @@ def layer_graph(
     where: Where,
     aliases: list[int] | None = None,
     copied: Sequence[int] = (),
+    jacobian_nodes: Sequence[int] = (),
 ) -> GraphModule:
     """The layer as a standalone GraphModule (state, *layer.inputs) -> state (a tuple (state, *side
     outputs) for a layer with side outputs), for graphs of kind `where`
     (BATCHED or ONE_LAYER), lowered by `lowerings`. `aliases[k]`: the input slot whose placeholder the
     graph reads for input k (one that always holds the same value, `inputs.input_aliases`); `copied`:
     the inputs the layer writes that it writes as a fresh copy per evaluation, returned after the
-    state and side outputs (`inputs.InputSlot` "copied")."""
+    state and side outputs (`inputs.InputSlot` "copied"); `jacobian_nodes`: the layer nodes (indices in
+    `layer.nodes`) a dynamic surrogate recipe needs (`SurrogateRecipe.dynamic_nodes`), returned last."""
     graph = Graph()
     state = graph.placeholder("state")
     inputs = [graph.placeholder(f"input_{k}") for k in range(len(layer.inputs))]
@@ -75,6 +77,7 @@ def layer_graph(
             env[node] = graph.call_function(torch.ops.snlp.scratch.default, (env[node], state))
             env[node].meta = dict(node.meta)
     sides = [env[n] for n in layer.side_outputs] + list(copies.values())
+    sides += [env[layer.nodes[i]] for i in jacobian_nodes]
     graph.output((env[layer.state_out], *sides) if sides else env[layer.state_out])
     lowerings.run_graph_passes(graph, where)
     return GraphModule(root, graph)

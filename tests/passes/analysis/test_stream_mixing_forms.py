@@ -8,7 +8,7 @@ from torch import nn
 from snlp_compile.passes.analysis.detect import detect_layer_stack
 from snlp_compile.passes.analysis.surrogate import choose_recipe
 from tests.helpers.dynamo_graphs import traced
-from tests.helpers.foreign_models import sinkhorn
+from tests.helpers.foreign_models import BlockStack, sinkhorn
 
 M, D = 3, 8
 
@@ -47,17 +47,6 @@ class MatmulBlock(FoldedBlock):
         return sinkhorn(self.res_logits) @ x + self.post[:, None] * update.unsqueeze(-2)
 
 
-class Net(nn.Module):
-    def __init__(self, block, depth=4):
-        super().__init__()
-        self.blocks = nn.ModuleList([block() for _ in range(depth)])
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 CASES = {
     "folded": (FoldedBlock, (2 * M, 5, D), (-3, 1)),
     "middle": (MiddleAxisBlock, (2, M, 5, D), (-3, 1)),
@@ -69,7 +58,7 @@ CASES = {
 def test_the_mixing_is_read_off_as_hcn(case):
     block, shape, stream = CASES[case]
     torch.manual_seed(0)
-    model, x = Net(block), torch.randn(*shape)
+    model, x = BlockStack(block), torch.randn(*shape)
     match = detect_layer_stack(traced(model, x)[0])
     recipe = choose_recipe(match.layers[0], "hc")
     assert recipe.kind == "mix" and recipe.stream == stream
@@ -79,7 +68,7 @@ def test_the_mixing_is_read_off_as_hcn(case):
 def test_hcn_reaches_sequential_sooner_than_idn_and_is_exact_at_full_iterations(case):
     block, shape, _ = CASES[case]
     torch.manual_seed(0)
-    model, x = Net(block), torch.randn(*shape)
+    model, x = BlockStack(block), torch.randn(*shape)
     with torch.no_grad():
         expected = model(x)
 

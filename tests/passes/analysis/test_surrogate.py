@@ -110,8 +110,8 @@ def test_stream_mixing_is_its_matrix():
     model = Stack(*["mixed"] * DEPTH).eval()
     match, values = analysed(model)
     recipe = only_recipe(match)
-    ((kind, (source, _), stream, transposed),) = recipe.factors
-    assert (kind, source, recipe.kind, stream, transposed) == ("mix", "input", "mix", (-2, 1), False)
+    ((kind, (source, _), stream, transposed, rank),) = recipe.factors
+    assert (kind, source, recipe.kind, stream, transposed, rank) == ("mix", "input", "mix", (-2, 1), False, 2)
     for layer, block in zip(match.layers, model.layers, strict=True):
         torch.testing.assert_close(evaluate_recipe(recipe, inputs_of(layer, values), 1), block.H.detach()[None])
     surrogate = stacked_surrogate(match, values)
@@ -151,7 +151,7 @@ def test_no_skip_path_warns_and_takes_the_identity(caplog):
         assert choose_recipe(match.layers[0], "auto") == SurrogateRecipe()
     (record,) = [r for r in caplog.records if r.name == "snlp_compile"]
     assert record.levelno == logging.WARNING
-    assert f"no skip path found in layer {match.layers[0].module_index}" in record.getMessage()
+    assert f"stream mixing) in layer {match.layers[0].module_index}" in record.getMessage()
     assert stacked_surrogate(match, values) == Surrogate()
 
 
