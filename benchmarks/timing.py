@@ -1,9 +1,8 @@
 """Timing: back-to-back calls, CUDA-graph replays that defeat the L2 cache, launch-config sweeps, and the
 HBM floor a step's weight reads set.
 
-Invariants: times are per call, in ms from `time_calls` (CUDA events on GPU, `time.perf_counter` on CPU)
-and in us from `graph_time_us`; each call of a timed function is preceded by
-`torch.compiler.cudagraph_mark_step_begin`, so CUDA-graphed variants may reuse their output buffers.
+Invariants: times are per call, in ms from `time_calls` (the package's, snlp_compile.tuning.timing, which
+the benchmarks import from here with `run_steps` and `synchronize`) and in us from `graph_time_us`.
 """
 
 from __future__ import annotations
@@ -17,6 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from snlp_compile.tuning.timing import run_steps as run_steps
+from snlp_compile.tuning.timing import synchronize as synchronize
+from snlp_compile.tuning.timing import time_calls as time_calls
+
 logger = logging.getLogger("snlp_compile")
 
 # Peak HBM bandwidth in TB/s by GPU name (NVIDIA datasheets); the first matching substring wins.
@@ -27,40 +30,6 @@ HBM_TBPS: tuple[tuple[str, float], ...] = (
     ("H200", 4.8),
 )
 L2_DEFEAT_BYTES = 256 << 20  # bytes of operand copies per graph: several times the largest L2 (H100: 50 MB)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (nothing to wait for on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_steps(fn: Callable[[], Any], calls: int) -> None:
-    """`calls` back-to-back calls of fn, each marked as a new CUDA-graph step; no synchronisation."""
-    for _ in range(calls):
-        torch.compiler.cudagraph_mark_step_begin()
-        fn()
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> list[float]:
-    """Per-call times in ms of `reps` back-to-back calls after `warmup` calls (CUDA events on GPU)."""
-    run_steps(fn, warmup)
-    synchronize(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        torch.compiler.cudagraph_mark_step_begin()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def timed_once(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

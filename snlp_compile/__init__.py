@@ -10,9 +10,11 @@ from .backends.report import StackReport, find_layer_stack
 from .config import SNLPConfig
 from .decoding import Generation, generate, snlp_assistant, stream
 from .decoding.onnx_generate import onnx_generate
+from .distributed import depth_parallel
 from .kernels import cache_write as _cache_write  # noqa: F401  (registers snlp::cache_write_, models' cache write)
 from .runtime.prepare import prepare
 from .training import SNLPRegularizer
+from .tuning import TuneResult, tune
 
 # Installed packages register "snlp" through the torch_dynamo_backends entry point; a source
 # checkout on PYTHONPATH registers it on import.
@@ -25,6 +27,8 @@ __all__ = [
     "SNLPRegularizer",
     "SNLPFallbackError",
     "StackReport",
+    "TuneResult",
+    "depth_parallel",
     "export_onnx",
     "find_layer_stack",
     "generate",
@@ -34,4 +38,5 @@ __all__ = [
     "snlp_backend",
     "snlp_transform",
     "stream",
+    "tune",
 ]

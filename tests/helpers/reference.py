@@ -8,11 +8,13 @@ from snlp_compile.models.mhc import sinkhorn
 from snlp_compile.solver import CallableStack, Surrogate, solve
 
 
-def solver_logits(model, idx, config):
-    """Logits of `model` with its blocks solved by `solver.solve` under `config` (surrogate auto)."""
+def solver_logits(model, idx, config, kv_cache=None):
+    """Logits of `model` with its blocks solved by `solver.solve` under `config` (surrogate auto);
+    with a KV cache, each layer writes its keys and values at each evaluation (the last one stays)
+    and the cache advances by T, as in the model's forward."""
     cfg = model.config
     T = idx.shape[1]
-    positions = torch.arange(T)
+    positions = torch.arange(T) + (0 if kv_cache is None else kv_cache.pos)
     cos, sin = model.cos[positions], model.sin[positions]
     x0 = model.expand(rms_norm(model.wte(idx)))
 
@@ -20,7 +22,7 @@ def solver_logits(model, idx, config):
         def f(h):
             if cfg.x0_mixing:
                 h = model.resid_lambdas[i] * h + model.x0_lambdas[i] * x0
-            return model.blocks[i](h, cos, sin, positions)
+            return model.blocks[i](h, cos, sin, positions, kv_cache)
 
         return f
 
@@ -45,4 +47,6 @@ def solver_logits(model, idx, config):
     logits = model.lm_head(rms_norm(model.collapse(h))).float()
     if cfg.softcap is not None:
         logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+    if kv_cache is not None:
+        kv_cache.pos.add_(T)
     return logits
