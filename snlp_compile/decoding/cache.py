@@ -3,7 +3,8 @@
 Decoding drives a model only through `model(idx [B, T], kv_cache=cache) -> logits [B, T, vocab]`,
 which appends the K/V of the T tokens to `cache` (and its `check`s are the model's own), and
 through the members below; it never reads or writes the cache's tensors. Neither protocol needs
-to be inherited from: `snlp_compile.models` meets them without importing this module.
+to be inherited from: `snlp_compile.models` meets them without importing this module. A Hugging
+Face causal LM is driven through its decoder (hf_decoder.py), which meets them over the model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
+from .hf_decoder import hf_decoder, is_hf_causal_lm
 
 
 class KVCache(Protocol):
@@ -78,13 +81,15 @@ def _missing(obj: object, protocol: type) -> list[str]:
 
 
 def decodable(model: nn.Module) -> DecodableModel:
-    """`model`, once it is known to have every member of DecodableModel (TypeError naming the missing ones)."""
+    """`model`, once it is known to have every member of DecodableModel, or a Hugging Face causal LM's
+    decoder (`hf_decoder`); TypeError naming the missing members otherwise."""
     missing = _missing(model, DecodableModel)
+    if missing and is_hf_causal_lm(model):
+        return hf_decoder(model)
     if missing:
         hint = (
-            "; a Hugging Face model decodes through its own generate(): compile its forward with "
-            "torch.compile(model.forward, backend='snlp', ...), or pass "
-            "assistant_model=snlp_compile.snlp_assistant(model) for lossless speculative decoding"
+            "; a Hugging Face model that is not a decoder-only causal LM decodes through its own generate(): "
+            "compile its forward with torch.compile(model.forward, backend='snlp', ...)"
             if callable(getattr(model, "generate", None))
             else ""
         )

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..backends.dynamo import snlp_backend
 from ..config import SNLPConfig
@@ -24,16 +24,16 @@ logger = logging.getLogger("snlp_compile")
 
 Forward = Callable[[Tensor, KVCache], Tensor]
 
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[Any, Callable]] = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[Callable[..., Tensor], dict[Any, Callable]] = weakref.WeakKeyDictionary()
 
 
-def eager_forward(model: nn.Module, idx: Tensor, kv_cache: KVCache) -> Tensor:
+def eager_forward(model: Callable[..., Tensor], idx: Tensor, kv_cache: KVCache) -> Tensor:
     """`model(idx, kv_cache=kv_cache)`: the function compiled, with the model an argument, so that
     the compile cache does not own the model."""
     return model(idx, kv_cache=kv_cache)
 
 
-def compiled_forward(model: nn.Module, config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
+def compiled_forward(model: Callable[..., Tensor], config: SNLPConfig | None, cudagraphs: bool = False) -> Forward:
     """`(idx, kv_cache) -> logits` of `model` compiled with the snlp backend (inductor when config is None).
 
     cudagraphs applies to the sequential (config None) compile only: inductor's "reduce-overhead"

@@ -132,7 +132,8 @@ def stream(
     """Decode `max_new_tokens` tokens after `prompt_ids`, yielding them as they are produced.
 
     model: a decoder that meets `DecodableModel` (`forward(idx, kv_cache=cache) -> logits`, a cache
-        factory and its limits), such as the `snlp_compile.models` decoders.
+        factory and its limits), such as the `snlp_compile.models` decoders, or a Hugging Face
+        decoder-only causal LM (decoded through `hf_decoder`, with a transformers StaticCache).
     prompt_ids: int tensor [T] or [B, T], ids in [0, vocab_size), T + max_new_tokens <= max_seq_len.
     config: SNLPConfig (or its fields) of the SNLP model; None = SNLPConfig(); in "sequential" mode
         only its cudagraphs field is used (for compile_sequential).
@@ -163,19 +164,21 @@ def stream(
     cache.reset()
 
     exact = (
-        compiled_forward(model, None, snlp_config.cudagraphs) if compile_sequential else partial(eager_forward, model)
+        compiled_forward(decoder, None, snlp_config.cudagraphs)
+        if compile_sequential
+        else partial(eager_forward, decoder)
     )
     sampler = Sampler(float(temperature), top_k, generator)
     stats = GenerationStats(mode=mode, batch_size=batch, prompt_len=prompt.size(1))
     if mode == "sequential":
         chunks = _stepwise(exact, exact, prompt, max_new_tokens, cache, sampler, stats)
     elif mode == "snlp":
-        snlp = compiled_forward(model, snlp_config)
+        snlp = compiled_forward(decoder, snlp_config)
         prefill = snlp if snlp_config.prefill == "snlp" else exact
         chunks = _stepwise(prefill, snlp, prompt, max_new_tokens, cache, sampler, stats)
     else:
         chunks = speculative(
-            compiled_forward(model, snlp_config), exact, prompt, max_new_tokens, cache, sampler, draft_len, stats
+            compiled_forward(decoder, snlp_config), exact, prompt, max_new_tokens, cache, sampler, draft_len, stats
         )
     return TokenStream(timed(chunks, stats, prompt.device), prompt, stats)
 

@@ -3,8 +3,10 @@
 Invariants of a returned `LayerStackMatch` (anything else raises `NotAStack` with the reason):
 
 - Layers are consecutive entries of one indexed module container (`blocks.3`, `blocks[3]`,
-  `_modules['3']` spellings), in graph order; glue the parent's loop applies between two layers
-  (nanochat's x0 mixing) belongs to the layer after it.
+  `_modules['3']` spellings, or children numbered `<prefix><i>` such as torchvision's
+  `encoder_layer_3`: `stack.layer_key`; the outermost numbering a node is in), in graph order;
+  glue the parent's loop applies between two layers (nanochat's x0 mixing) belongs to the layer
+  after it.
 - Each layer is a function of exactly one stack value, its state: `layers[l].state_out` feeds
   only layer l+1, and every other input of a layer is computed without the stack (parameters,
   constants, side inputs such as x0, rotary tables, masks). State in and out have equal
@@ -108,7 +110,10 @@ def detect_layer_stack(gm: GraphModule) -> LayerStackMatch:
             if key is not None:
                 keyed[key].append(n)
     if not keyed:
-        raise NotAStack("no node was traced inside an indexed module container (nn.ModuleList / nn.Sequential)")
+        raise NotAStack(
+            "no node was traced inside an indexed module container (nn.ModuleList / nn.Sequential, or two or more "
+            "children numbered <prefix><i>, <prefix><i+1>, ...)"
+        )
     counts = Counter(container for container, _ in keyed)
     container, count = counts.most_common(1)[0]
     if count < 2:
