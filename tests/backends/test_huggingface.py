@@ -113,3 +113,23 @@ def test_assisted_generation_with_the_snlp_drafter_is_lossless(build):
         snlp_assistant(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="iters"):
         snlp_assistant(model, {"iters": 0})
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_dynamic_cache_decodes_under_inductor_without_a_compile_per_token(caplog):
+    """vmap's rule for `cat` would pin the growing cache length under inductor (a compile per token, then
+    eager fallbacks at dynamo's limit); the vmap-safe form keeps it symbolic: the prefill, the first decode
+    step and one decode step of symbolic length, whatever the number of new tokens."""
+    import logging
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    idx = torch.randint(1, 64, (1, 8))
+    expected = _generate(model, model.forward, idx, do_sample=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="snlp", options={**EXACT, "inner": "inductor"})
+    with caplog.at_level(logging.INFO, logger="snlp_compile"):
+        tokens = _generate(model, compiled, idx, do_sample=False)
+    assert torch.equal(tokens, expected)
+    assert caplog.text.count("rewrote") == 3, caplog.text

@@ -3,7 +3,9 @@
 - SDPA through snlp::attention where vmap's own rule falls short (`needs_batched_attention`);
 - `index_copy_` (KV-cache writes) as `index_put_`, which vmap batches into one write of the new
   positions of every layer;
-- under vmap, linears whose input has a symbolic size as einsums (`linear_by_einsum`).
+- under vmap, linears whose input has a symbolic size as einsums (`linear_by_einsum`), and `cat` and
+  `layer_norm` with symbolic sizes in vmap-safe forms (`cat_for_vmap`, `layer_norm_for_vmap`): their
+  vmap rules read the sizes as integers, which pins them (a DynamicCache's length: one compile per token).
 
 Invariant: each replacement computes the node's value exactly (the same ops, batched); every
 backend runs this family, since without it some graphs are wrong under vmap, not just slow.
@@ -11,15 +13,17 @@ backend runs this family, since without it some graphs are wrong under vmap, not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ...fx import ops
-from ...fx.values import traced
+from ...fx.values import SYMBOLIC, traced
 from ...kernels import HALF_DTYPES
 from ...kernels.attention import sdpa
 from ..rewrite.lowering_list import Lowering, Where
@@ -76,6 +80,55 @@ def linear_by_einsum(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
     return out if bias is None else out + bias
 
 
+def cat_for_vmap(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """`torch.cat(tensors, dim)` under vmap with symbolic sizes, where vmap's rule for cat reads the sizes
+    as integers and so pins them: parts of one size as a stack flattened into `dim`, parts of different
+    sizes as the sum of the parts zero-padded to the whole (the same values, but that a -0.0 becomes 0.0)."""
+    dim = dim % tensors[0].dim()
+    sizes = [t.size(dim) for t in tensors]
+    if all(statically_known_true(s == sizes[0]) for s in sizes):
+        return torch.stack(list(tensors), dim).flatten(dim, dim + 1)
+    total, start, out = sum(sizes), 0, None
+    for t, size in zip(tensors, sizes, strict=True):
+        padded = F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (start, total - start - size))
+        out = padded if out is None else out + padded
+        start = start + size
+    return out
+
+
+def layer_norm_for_vmap(
+    x: Tensor,
+    shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *_: Any,
+) -> Tensor:
+    """`layer_norm` under vmap with symbolic sizes, where vmap's rule for it reads the sizes as integers
+    and so pins them: the normalisation written out over the last `len(shape)` dims (the same values up to
+    float rounding)."""
+    dims = tuple(range(-len(shape), 0))
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    out = out if weight is None else out * weight
+    return out if bias is None else out + bias
+
+
+# ops whose vmap rules read symbolic sizes as integers, and their vmap-safe forms of the same values
+FOR_VMAP = {
+    torch.ops.aten.cat.default: cat_for_vmap,
+    torch.cat: cat_for_vmap,
+    torch.ops.aten.layer_norm.default: layer_norm_for_vmap,
+    F.layer_norm: layer_norm_for_vmap,
+}
+
+
+def symbolic_result(node: Node) -> bool:
+    """A call whose traced result has a symbolic size."""
+    value = traced(node)
+    return isinstance(value, Tensor) and any(isinstance(s, SYMBOLIC) for s in value.shape)
+
+
 def _symbolic_linear(node: Node) -> bool:
     """A linear whose input has a symbolic size (dynamic=True, or dynamo's automatic dynamic shapes)."""
     if node.op != "call_function" or node.target not in ops.LINEAR or not node.args:
@@ -89,6 +142,8 @@ def _retarget(node: Node, where: Where) -> tuple[Any, dict[str, Any]] | None:
         return None
     if where is Where.BATCHED and _symbolic_linear(node):
         return linear_by_einsum, {}
+    if where is Where.BATCHED and node.op == "call_function" and node.target in FOR_VMAP and symbolic_result(node):
+        return FOR_VMAP[node.target], {}
     if needs_batched_attention(node):
         return sdpa, {}
     if (node.op, node.target) == ("call_method", "index_copy_") or ops.calls(node, ops.INDEX_COPY_):
