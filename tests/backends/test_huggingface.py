@@ -5,6 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import snlp_compile  # noqa: E402, F401  (registers the backend when the package is not installed)
 from tests.helpers.huggingface import gpt2, llama  # noqa: E402
 
 
