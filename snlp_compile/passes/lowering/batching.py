@@ -83,7 +83,11 @@ def linear_by_einsum(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
 def cat_for_vmap(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     """`torch.cat(tensors, dim)` under vmap with symbolic sizes, where vmap's rule for cat reads the sizes
     as integers and so pins them: parts of one size as a stack flattened into `dim`, parts of different
-    sizes as the sum of the parts zero-padded to the whole (the same values, but that a -0.0 becomes 0.0)."""
+    sizes as the sum of the parts zero-padded to the whole (the same values, but that a -0.0 becomes 0.0).
+    Legacy empty parts (1-D, no elements: a DynamicCache's first keys), which cat skips, are skipped."""
+    tensors = [t for t in tensors if not (t.dim() == 1 and statically_known_true(t.numel() == 0))] or list(tensors)
+    if len(tensors) == 1:
+        return tensors[0].clone()
     dim = dim % tensors[0].dim()
     sizes = [t.size(dim) for t in tensors]
     if all(statically_known_true(s == sizes[0]) for s in sizes):
