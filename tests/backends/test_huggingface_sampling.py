@@ -18,6 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.huggingface import COMMON  # noqa: E402
+
 VOCAB, NEW, N, ALPHA, MIN_EXPECTED = 8, 3, 300, 1e-3, 5.0
 PROMPT = torch.tensor([[1, 2, 3, 4]])
 
@@ -26,17 +28,10 @@ def _model() -> transformers.LlamaForCausalLM:
     """Weights at std 0.2: peaked, distinct next-token distributions (at std 0.02 all are near uniform)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+        **{**COMMON, "vocab_size": VOCAB, "max_position_embeddings": 32, "pad_token_id": None},
         initializer_range=0.2,
         bos_token_id=None,
         eos_token_id=None,  # no early stop: every sample has NEW tokens
-        pad_token_id=None,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
