@@ -17,7 +17,7 @@ from typing import Any
 
 from ..backends.report import StackReport
 from ..config import SNLPConfig
-from ..passes.analysis.plan import cap_iters
+from ..passes.analysis.plan import cap_iters, stack_config
 
 logger = logging.getLogger("snlp_compile")
 
@@ -45,9 +45,7 @@ class StackDepth:
     def applied(self, config: SNLPConfig) -> SNLPConfig:
         """The configuration the backend applies to this stack (as `passes.analysis.analyse`);
         ValueError when config does not fit it."""
-        config = config.replace(n_seq=max(0, config.n_seq - self.excluded))
-        config.check_depth(self.layers)
-        return cap_iters(config, self.layers)[0]
+        return cap_iters(stack_config(config, self.excluded, self.layers), self.layers)[0]
 
 
 def default_space(depth: int) -> dict[str, tuple[Any, ...]]:

@@ -45,6 +45,14 @@ def cap_iters(config: SNLPConfig, num_layers: int) -> tuple[SNLPConfig, str]:
     return config.replace(iters=useful), f"; iters={config.iters} capped at {useful} ({why})"
 
 
+def stack_config(config: SNLPConfig, excluded: int, num_layers: int) -> SNLPConfig:
+    """`config` as it applies to a stack of `num_layers` after `excluded` leading layers (which count toward
+    n_seq); ValueError when it does not fit the stack."""
+    config = config.replace(n_seq=max(0, config.n_seq - excluded))
+    config.check_depth(num_layers)
+    return config
+
+
 def analyse(gm: GraphModule, config: SNLPConfig) -> StackPlan:
     """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured."""
     reason = getattr(gm, "compile_subgraph_reason", None)
@@ -53,8 +61,7 @@ def analyse(gm: GraphModule, config: SNLPConfig) -> StackPlan:
         raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")
     if any(n.op == "placeholder" and "resume_in" in n.name for n in gm.graph.nodes):
         raise NotAStack("this graph resumes after a graph break, so the layer stack may be split across graphs")
-    config = config.replace(n_seq=max(0, config.n_seq - len(match.excluded)))
-    config.check_depth(len(match.layers))
+    config = stack_config(config, len(match.excluded), len(match.layers))
     unpinned = sorted(set(match.taps) - pinned_states(len(match.layers), config))
     if unpinned:
         indices = [match.layers[p].module_index for p in unpinned]
