@@ -3,7 +3,9 @@ HF's own loop, sequential against SNLP, all variants in one process.
 
 Variants: HF eager (dynamic cache); HF's own compile path (static cache, decode steps compiled by
 generate() through `compile_config`) with inductor and CUDA graphs (the best sequential baseline)
-and with backend "snlp", K = 1, CUDA graphs (n_par: all layers but `--n-seq`); SNLP on the forward
+and with backend "snlp", K = 1, CUDA graphs (n_par: all layers but `--n-seq`), on HF's static cache
+(one tensor per layer: the parallel layers write copies, copied back) and on a StackedStaticCache
+(the layers' tensors are rows of one buffer, written in place); SNLP on the forward
 with the dynamic cache;
 lossless speculative decoding through HF's assisted generation with `snlp_assistant` (eager inner
 compiler: its draft lengths change every round). Tokens are compared with the eager run's.
@@ -91,7 +93,7 @@ def timed_generate(run: Callable[[], torch.Tensor], device: torch.device) -> tup
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup_logging()
-    from snlp_compile import snlp_assistant
+    from snlp_compile import StackedStaticCache, snlp_assistant
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -104,9 +106,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cuda = device.type == "cuda"
     snlp = {"iters": 1, "n_seq": args.n_seq}
 
-    def with_forward(forward: Callable | None, **kwargs: Any) -> Callable[[], torch.Tensor]:
+    def with_forward(forward: Callable | None, stacked: bool = False, **kwargs: Any) -> Callable[[], torch.Tensor]:
+        """generate() with `forward` in place of the model's; `stacked`: into a fresh StackedStaticCache."""
+
         def run() -> torch.Tensor:
             model.forward = forward or original
+            if stacked:
+                length = args.prompt + args.new_tokens
+                kwargs["past_key_values"] = StackedStaticCache.for_model(model, ids.shape[0], length)
             try:
                 with torch.no_grad():
                     return model.generate(ids, **common, **kwargs)
@@ -117,8 +124,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from transformers import CompileConfig
 
-    def hf_compiled(**config: Any) -> dict[str, Any]:  # HF compiles the decode steps itself (static cache)
-        return dict(cache_implementation="static", compile_config=CompileConfig(**config))
+    def hf_compiled(stacked: bool = False, **config: Any) -> dict[str, Any]:
+        """HF compiles the decode steps itself (static cache; `stacked`: a StackedStaticCache)."""
+        cache = {"stacked": True} if stacked else {"cache_implementation": "static"}
+        return dict(compile_config=CompileConfig(**config), **cache)
 
     variants = {
         "HF eager (dynamic cache)": with_forward(None),
@@ -127,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ),
         "snlp K 1, static cache" + (" +cg" if cuda else ""): with_forward(
             None, **hf_compiled(backend="snlp", mode=None, options={**snlp, "cudagraphs": cuda})
+        ),
+        "snlp K 1, stacked static cache" + (" +cg" if cuda else ""): with_forward(
+            None, **hf_compiled(stacked=True, backend="snlp", mode=None, options={**snlp, "cudagraphs": cuda})
         ),
         "snlp K 1, dynamic cache": with_forward(torch.compile(original, backend="snlp", options=snlp)),
         "speculative: snlp_assistant (K 1, eager inner)": with_forward(

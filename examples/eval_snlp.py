@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from train_char_lm import DEFAULT_DATA, autocast, eval_batches, load_checkpoint, load_splits, read_ids
 
+import snlp_compile
 from snlp_compile import SNLPConfig, generate, prepare
 from snlp_compile.fresh_code import fresh_function
 from snlp_compile.solver import useful_iters
@@ -335,6 +336,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tune_checkpoints(paths: list[Path], names: list[str], val: Tensor, args: argparse.Namespace) -> dict:
+    """Per checkpoint and budget: what `snlp_compile.tune` picks on --tune-rows validation rows, the model
+    in --dtype on --device (frontier plot OUT/tune_<name>_<budget>.png)."""
+    rows = val[: args.tune_rows * args.seq].view(args.tune_rows, args.seq)
+    found: dict = {}
+    for path, name in zip(paths, names, strict=True):
+        model, _ = load_checkpoint(path, args.device)
+        model = model.to(DTYPES[args.dtype])
+        for budget in args.tune:
+            torch._dynamo.reset()
+            result = snlp_compile.tune(model, rows, budget=budget, base={"inner": args.speed_inner})
+            result.plot(args.out / f"tune_{name}_{budget:g}.png")
+            found.setdefault(name, {})[f"{budget:g}"] = dict(
+                config=None if result.chosen is None else result.chosen.label(),
+                speedup=result.speedup,
+                reason=result.reason,
+                settings=len(result.frontier),
+            )
+            print(f"{name}: tune budget {budget:g}: {result}")
+    return found
+
+
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
@@ -366,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--forward-warmup", type=int, default=3)
     p.add_argument("--forward-reps", type=int, default=20)
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no speed variant starts")
+    p.add_argument("--tune", type=float, nargs="+", default=None, help="loss budgets: snlp_compile.tune per checkpoint")
+    p.add_argument("--tune-rows", type=int, default=8, help="validation rows of --seq tokens the tuner scores")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", type=Path, required=True)
@@ -404,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
     write(report, args.out)
     if args.speed:
         report["speed"] = add_speed(args.checkpoints, loaded, names, evaluations, val, args, started)
+        write(report, args.out)
+    if args.tune:
+        report["tune"] = tune_checkpoints(args.checkpoints, names, val, args)
         write(report, args.out)
     return report
 

@@ -21,11 +21,22 @@ from .tuning import TuneResult, tune
 if "snlp" not in torch._dynamo.list_backends(exclude_tags=()):
     torch._dynamo.register_backend(snlp_backend, name="snlp")
 
+
+def __getattr__(name: str) -> object:
+    """`StackedStaticCache` (a transformers StaticCache subclass) imports transformers on first use only."""
+    if name == "StackedStaticCache":
+        from .decoding.hf_stacked_cache import StackedStaticCache
+
+        return StackedStaticCache
+    raise AttributeError(f"module 'snlp_compile' has no attribute {name!r}")
+
+
 __all__ = [
     "Generation",
     "SNLPConfig",
     "SNLPRegularizer",
     "SNLPFallbackError",
+    "StackedStaticCache",
     "StackReport",
     "TuneResult",
     "depth_parallel",

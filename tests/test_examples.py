@@ -28,9 +28,12 @@ def test_example_scripts_smoke(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_val"] == metrics["best_val"]
     report = eval_snlp.main(
         [str(tmp_path / "run" / "model.pt"), "--data", str(data), "--batch", "2", "--seq", "16"]
-        + ["--eval-batches", "1", "--out", str(tmp_path / "eval")]
+        + ["--eval-batches", "1", "--tune", "0.5", "--tune-rows", "2", "--out", str(tmp_path / "eval")]
     )
     results = report["checkpoints"]["run"]["results"]
+    tuned = report["tune"]["run"]["0.5"]
+    assert tuned["settings"] > 0 and tuned["speedup"] >= 1.0 and (tuned["config"] is None) == bool(tuned["reason"])
+    assert (tmp_path / "eval" / "tune_run_0.5.png").stat().st_size > 0
     # n_par L/4 .. L = 1, 2; K 1, 2, 4 up to the useful iterations; fuse 2 where n_par >= 2
     assert set(results) == {"sequential", "npar1 K1", "npar2 K1", "npar2 K2", "npar2 F2 K1"}
     assert results["npar2 K1"]["ppl"] != pytest.approx(results["sequential"]["ppl"], rel=1e-4)

@@ -1,5 +1,6 @@
 """Hugging Face causal LMs through the decoding protocol (cache.py): `hf_decoder(model)` is a
-DecodableModel over the model, whose caches are transformers StaticCaches.
+DecodableModel over the model, whose caches are StackedStaticCaches (transformers StaticCaches whose
+layers' tensors are rows of stacked buffers: the SNLP rewrite writes them in place).
 
 Invariants: a decoder holds its model by a weak reference (it never keeps the model alive) and there
 is one per model, so that the forwards compiled for it last across generate() calls; it reads the
@@ -85,11 +86,11 @@ class HFDecoder:
     def make_kv_cache(
         self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype
     ) -> HFStaticCache:
-        """An empty StaticCache of `max_seq_len` positions; transformers allocates it at the first forward, in
-        the dtype of the model's keys and values."""
-        import transformers
+        """An empty StackedStaticCache of `max_seq_len` positions, its buffers made now (in `dtype`)."""
+        from .hf_stacked_cache import StackedStaticCache
 
-        cache = transformers.StaticCache(config=self._model().config, max_cache_len=max_seq_len)
+        model = self._model()
+        cache = StackedStaticCache(model.config, max_seq_len, batch_size=batch_size, dtype=dtype, device=device)
         return HFStaticCache(cache, self.kv_cache_geometry, batch_size, max_seq_len, device)
 
     def __call__(self, idx: Tensor, kv_cache: HFStaticCache) -> Tensor:

@@ -226,3 +226,40 @@ def alias_roots(node: Node, within: set[Node]) -> set[Node]:
 def written_roots(nodes: list[Node] | set[Node], within: set[Node]) -> set[Node]:
     """The `alias_roots` (inside `within`) of every tensor the in-place ops among `nodes` write."""
     return {root for n in nodes if (target := mutated_arg(n)) is not None for root in alias_roots(target, within)}
+
+
+# in-place ops whose result is a function of their other arguments alone (no read of what they overwrite)
+_OVERWRITES = {
+    "copy_",
+    "fill_",
+    "zero_",
+    "index_copy_",
+    "index_fill_",
+    "index_put_",
+    "masked_fill_",
+    "masked_scatter_",
+    "scatter_",
+    "setitem",
+    "cache_write_",
+}
+
+
+def _op_name(node: Node) -> str:
+    if isinstance(node.target, str):
+        return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name.split("::")[-1]
+    return getattr(node.target, "__name__", "")
+
+
+def overwrites(node: Node) -> bool:
+    """The in-place op replaces what it writes with a function of its other arguments (index_copy_, copy_,
+    setitem, ...: applied twice, it leaves what it left once, given the same arguments), rather than
+    combining with it (add_, a scatter with a reduction, index_put_ with accumulate)."""
+    if _op_name(node) not in _OVERWRITES:
+        return False
+    kwargs = node.kwargs
+    accumulate = kwargs.get(
+        "accumulate", node.args[3] if _op_name(node) == "index_put_" and len(node.args) > 3 else False
+    )
+    return not accumulate and kwargs.get("reduce") is None

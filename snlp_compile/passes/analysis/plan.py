@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule
 
 from ...config import SNLPConfig
+from ...fx.views import merge_repeated_views
 from ...solver import pinned_states, useful_iters
 from ...solver.recipe import SurrogateRecipe
 from .detect import detect_layer_stack
@@ -56,6 +57,7 @@ def stack_config(config: SNLPConfig, excluded: int, num_layers: int) -> SNLPConf
 def analyse(gm: GraphModule, config: SNLPConfig) -> StackPlan:
     """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured."""
     reason = getattr(gm, "compile_subgraph_reason", None)
+    merge_repeated_views(gm.graph)  # a view taken again after a write reads the write: one node
     match = detect_layer_stack(gm)
     if reason is not None and getattr(reason, "graph_break", False):
         raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")

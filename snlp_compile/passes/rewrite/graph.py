@@ -29,6 +29,7 @@ Invariants of the rewritten graph:
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
@@ -42,11 +43,13 @@ from ...fx.equality import is_pure
 from ...fx.values import example_value
 from ...runtime.stack_program import StackProgram
 from ...runtime.stacked_weights import StackedWeights
-from ..analysis import Layer, StackPlan
+from ..analysis import Layer, LayerStackMatch, StackPlan
 from ..analysis.checks import glue_nodes, tap_readers
 from .inputs import InputSlot, canonical_inputs, input_aliases, plan_slots
 from .layer_graph import layer_graph
 from .lowering_list import LoweringList, Where
+
+logger = logging.getLogger("snlp_compile")
 
 
 def erase_unused(nodes: list[Node]) -> None:
@@ -103,6 +106,19 @@ def _program(
         len(layer.side_outputs) + len(copied[program.group_of[p]]) for p, layer in enumerate(layers)
     ]
     return program
+
+
+def _log_copied(match: LayerStackMatch, slots: list[list[InputSlot]]) -> None:
+    """Say which inputs the layers write through per-evaluation copies (a cost: stacked and copied back
+    on every call), by the first layer's name for them."""
+    inputs = [match.layers[m[0]].inputs[k] for m, c in zip(match.groups, _copied(slots), strict=True) for k in c]
+    names = [f"{n.args[0].name}[{n.args[1]}]" if n.target is operator.getitem else n.name for n in inputs]
+    if names:
+        logger.info(
+            "snlp: the layers write %s through per-evaluation copies (one tensor per layer, or writes that do not "
+            "overwrite: stacked and copied back on each call; a StackedStaticCache's keys and values are not)",
+            ", ".join(names),
+        )
 
 
 def _copied(slots: list[list[InputSlot]]) -> list[list[int]]:
@@ -177,6 +193,7 @@ def rewrite_stack(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     canonical = canonical_inputs(gm.graph, layers)
     slots = plan_slots(placeholders, plan.match, cache_graph_inputs=not stack_in_graph)
+    _log_copied(plan.match, slots)
     graph, env, weights = Graph(), {}, StackedWeights()
     program = _program(gm, plan, lowerings, slots, canonical)
     added: dict[str, Tensor | nn.Module] = {"snlp_stack": program}

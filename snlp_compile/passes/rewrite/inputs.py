@@ -23,7 +23,7 @@ from ...fx.capture import source_name
 from ...fx.closures import backward_closure
 from ...fx.equality import same_value
 from ...fx.values import SYMBOLIC, example_value, specialised
-from ...fx.writes import alias_roots, declared_write, mutated_arg, written_roots
+from ...fx.writes import alias_roots, declared_write, mutated_arg, overwrites, written_roots
 from ..analysis import Layer, LayerStackMatch, NotAStack
 
 
@@ -145,6 +145,26 @@ def _check_copied_writes(layer: Layer, node: Node) -> None:
             )
 
 
+def _writes_idempotently(layer: Layer, node: Node) -> bool:
+    """Every write of the layer into `node`'s memory overwrites it (`overwrites`) with values and at
+    places computed without reading that memory: evaluating the layer again on the written tensor
+    leaves what one evaluation leaves (a cache written at the positions of this step), so Newton
+    iterations may write it directly (a "slice"). A count incremented in place (`add_`) or a window
+    rolled in place is not: each evaluation needs a fresh copy ("copied")."""
+    own = set(layer.nodes)
+    for writer in layer.nodes:
+        target = mutated_arg(writer)
+        if target is None or node not in alias_roots(target, own):
+            continue
+        if not overwrites(writer):
+            return False
+        sources = {a for a in writer.all_input_nodes if a is not target}
+        read = (sources | backward_closure(sources, own | set(layer.inputs))) - {target}
+        if any(node in alias_roots(n, own) for n in read):
+            return False
+    return True
+
+
 def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
     """The input slots of each layer group; `cache_graph_inputs`: per-layer graph inputs (weights at
     inference) are stacked once and kept current rather than stacked inside the graph on each call.
@@ -161,7 +181,7 @@ def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_
             # copies (views of one tensor) would take every layer's write into one unbatched tensor
             if all(n is node if node in written else same_value(n, node) for n in nodes) or _one_number(nodes):
                 slots.append(InputSlot("shared", node))
-            elif (view := _view_slice(nodes)) is not None:
+            elif (view := _view_slice(nodes)) is not None and (node not in written or _writes_idempotently(rep, node)):
                 slots.append(InputSlot("slice", view))
             elif node in written:
                 _check_copied_writes(rep, node)

@@ -1,0 +1,134 @@
+"""A drop-in transformers StaticCache whose layers' tensors are views of stacked buffers.
+
+`StackedStaticCache(config=..., max_cache_len=...)` is a `transformers.StaticCache`: the same layer
+classes (full, sliding-window), the same update, crop, reset and mask rules. It differs in memory
+only: the layers of one kind share one buffer per tensor attribute (keys, values, the count of
+positions filled), [n_layers_of_the_kind, ...], and each layer's attribute is a view of its row.
+Traced by dynamo, a layer reads `buffer[i]`, so the SNLP rewrite writes all parallel layers' keys
+and values into the stacked buffer at once (an input "slice"), with no stacking of per-layer
+caches and no copy back on each call, as a plain StaticCache needs.
+
+Invariants: a layer's attribute is always its row of the buffer (an assignment copies into the row,
+moving the whole buffer when it names another device); every layer of a kind has the same shapes
+(ValueError naming the layer otherwise); the buffers are marked as static addresses, as transformers
+marks a StaticCache's tensors, so CUDA graphs keep them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor
+
+STACKED_ATTRIBUTES = ("keys", "values", "cumulative_length")
+
+
+class _LayerGroup:
+    """The buffers of the layers of one kind: attribute name -> [n_layers, ...] tensor, made at the
+    first assignment of that attribute."""
+
+    def __init__(self, kind: str, n_layers: int) -> None:
+        self.kind, self.n_layers = kind, n_layers
+        self.buffers: dict[str, Tensor] = {}
+
+    def row(self, name: str, index: int) -> Tensor | None:
+        buffer = self.buffers.get(name)
+        return None if buffer is None else buffer[index]
+
+    def assign(self, name: str, index: int, value: Tensor | None) -> None:
+        """Copy `value` into row `index` of the buffer of `name` (made, or moved to value's device, first)."""
+        buffer = self.buffers.get(name)
+        if value is None:
+            if buffer is not None:
+                raise ValueError(f"StackedStaticCache: {self.kind} layer {index}'s {name} cannot be unset once stored")
+            return
+        if not isinstance(value, Tensor):
+            raise TypeError(f"StackedStaticCache: {self.kind} layer {index}'s {name} must be a tensor, got {value!r}")
+        if buffer is None:
+            buffer = self._store(name, value.new_zeros((self.n_layers, *value.shape)))
+        elif buffer.device != value.device:
+            buffer = self._store(name, buffer.to(value.device))
+        if buffer.shape[1:] != value.shape or buffer.dtype != value.dtype:
+            raise ValueError(
+                f"StackedStaticCache: {self.kind} layer {index}'s {name} is {tuple(value.shape)} {value.dtype}, the "
+                f"other {self.kind} layers' {tuple(buffer.shape[1:])} {buffer.dtype}: a stacked cache needs layers "
+                "of one kind to have equal shapes (use transformers.StaticCache for this model)"
+            )
+        buffer[index].copy_(value)  # a row copied onto itself (as `.to(device)` returns it) stays as it is
+
+    def _store(self, name: str, buffer: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(buffer)
+        self.buffers[name] = buffer
+        return buffer
+
+
+def _stacked_attribute(name: str) -> property:
+    def get(layer: Any) -> Tensor | None:
+        return layer._stack_group.row(name, layer._stack_index)
+
+    def set_(layer: Any, value: Tensor | None) -> None:
+        layer._stack_group.assign(name, layer._stack_index, value)
+
+    return property(get, set_, doc=f"This layer's row of its kind's stacked {name}.")
+
+
+@functools.cache
+def stacked_layer_class(layer_class: type) -> type:
+    """`layer_class` (a transformers static cache layer) with its tensors as rows of stacked buffers; an
+    instance has `_stack_group` and `_stack_index` set before any of those tensors."""
+    namespace = {name: _stacked_attribute(name) for name in STACKED_ATTRIBUTES}
+    namespace["__doc__"] = f"{layer_class.__name__} over rows of stacked buffers."
+    return type(f"Stacked{layer_class.__name__}", (layer_class,), namespace)
+
+
+def kv_head_shape(config: Any) -> tuple[int, int]:
+    """(key/value heads, head dim) of a transformers decoder config, as its attention layers cache them."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class StackedStaticCache(transformers.StaticCache):
+    """A transformers StaticCache whose layers of each kind keep their keys, values and counts as rows of
+    one buffer each (see the module docstring). Pass it as the model's cache (`cache=` or
+    `past_key_values=`) to its forward or to generate().
+
+    Arguments: StaticCache's (config, max_cache_len, ...); with `batch_size` (and dtype, device) the
+    buffers are made now (`early_initialization`), which a compiled prefill needs: made inside a
+    compiled forward, they would be values the first layer passes to the others, and the SNLP
+    rewrite would leave that graph unmodified (it logs why)."""
+
+    def __init__(
+        self,
+        config: Any,
+        max_cache_len: int,
+        batch_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        kinds: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, transformers.cache_utils.StaticLayer):
+                kinds.setdefault((type(layer), layer.max_cache_len), []).append(i)
+        for (layer_class, _), members in kinds.items():
+            group = _LayerGroup(layer_class.__name__, len(members))
+            for index, i in enumerate(members):
+                old, stacked = self.layers[i], stacked_layer_class(layer_class)
+                layer = stacked.__new__(stacked)
+                layer._stack_group, layer._stack_index = group, index
+                for attribute, value in vars(old).items():  # the stacked ones through their properties
+                    setattr(layer, attribute, value)
+                self.layers[i] = layer
+        if batch_size is not None:
+            heads, head_dim = kv_head_shape(config.get_text_config(decoder=True))
+            self.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_cache_len: int) -> StackedStaticCache:
+        """A cache for `model` (its config, dtype and device) with its buffers made now."""
+        return cls(model.config, max_cache_len, batch_size=batch_size, dtype=model.dtype, device=model.device)
