@@ -1,6 +1,5 @@
 """Hugging Face causal LMs through the decoding protocol (cache.py): `hf_decoder(model)` is a
-DecodableModel over the model, whose caches are StackedStaticCaches (transformers StaticCaches whose
-layers' tensors are rows of stacked buffers: the SNLP rewrite writes them in place).
+DecodableModel over the model, whose caches are transformers StaticCaches.
 
 Invariants: a decoder holds its model by a weak reference (it never keeps the model alive) and there
 is one per model, so that the forwards compiled for it last across generate() calls; it reads the
@@ -33,6 +32,12 @@ def is_hf_causal_lm(model: object) -> bool:
         and isinstance(model, transformers.GenerationMixin)
         and not getattr(model.config, "is_encoder_decoder", False)
     )
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which the model's forward takes its cache: `cache`, or `past_key_values` (older
+    transformers)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 class HFStaticCache:
@@ -75,8 +80,7 @@ class HFDecoder:
     def __init__(self, model: nn.Module) -> None:
         config = model.config.get_text_config()
         self._model = weakref.ref(model)
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_argument = cache_argument(model)
         self.name = type(model).__name__
         self.vocab_size: int = config.vocab_size
         self.max_seq_len: int = config.max_position_embeddings
@@ -86,11 +90,11 @@ class HFDecoder:
     def make_kv_cache(
         self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype
     ) -> HFStaticCache:
-        """An empty StackedStaticCache of `max_seq_len` positions, its buffers made now (in `dtype`)."""
-        from .hf_stacked_cache import StackedStaticCache
+        """An empty StaticCache of `max_seq_len` positions; transformers allocates it at the first forward, in
+        the dtype of the model's keys and values."""
+        import transformers
 
-        model = self._model()
-        cache = StackedStaticCache(model.config, max_seq_len, batch_size=batch_size, dtype=dtype, device=device)
+        cache = transformers.StaticCache(config=self._model().config, max_cache_len=max_seq_len)
         return HFStaticCache(cache, self.kv_cache_geometry, batch_size, max_seq_len, device)
 
     def __call__(self, idx: Tensor, kv_cache: HFStaticCache) -> Tensor:

@@ -23,6 +23,8 @@ import torch
 import transformers
 from torch import Tensor
 
+from .hf_decoder import cache_argument
+
 STACKED_ATTRIBUTES = ("keys", "values", "cumulative_length")
 
 
@@ -85,31 +87,15 @@ def stacked_layer_class(layer_class: type) -> type:
     return type(f"Stacked{layer_class.__name__}", (layer_class,), namespace)
 
 
-def kv_head_shape(config: Any) -> tuple[int, int]:
-    """(key/value heads, head dim) of a transformers decoder config, as its attention layers cache them."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class StackedStaticCache(transformers.StaticCache):
     """A transformers StaticCache whose layers of each kind keep their keys, values and counts as rows of
-    one buffer each (see the module docstring). Pass it as the model's cache (`cache=` or
-    `past_key_values=`) to its forward or to generate().
+    one buffer each (see the module docstring). Takes StaticCache's arguments; pass it as the model's
+    cache (`cache=` or `past_key_values=`) to its forward or to generate(). Made this way, its buffers
+    are allocated by the first forward; `for_model` makes them at once, which a compiled prefill
+    needs: made inside a compiled forward, they would be values the first layer passes to the others,
+    and the SNLP rewrite would leave that graph unmodified (it logs why)."""
 
-    Arguments: StaticCache's (config, max_cache_len, ...); with `batch_size` (and dtype, device) the
-    buffers are made now (`early_initialization`), which a compiled prefill needs: made inside a
-    compiled forward, they would be values the first layer passes to the others, and the SNLP
-    rewrite would leave that graph unmodified (it logs why)."""
-
-    def __init__(
-        self,
-        config: Any,
-        max_cache_len: int,
-        batch_size: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, config: Any, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         kinds: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
@@ -124,11 +110,21 @@ class StackedStaticCache(transformers.StaticCache):
                 for attribute, value in vars(old).items():  # the stacked ones through their properties
                     setattr(layer, attribute, value)
                 self.layers[i] = layer
-        if batch_size is not None:
-            heads, head_dim = kv_head_shape(config.get_text_config(decoder=True))
-            self.early_initialization(batch_size, heads, head_dim, dtype, torch.device(device))
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_cache_len: int) -> StackedStaticCache:
-        """A cache for `model` (its config, dtype and device) with its buffers made now."""
-        return cls(model.config, max_cache_len, batch_size=batch_size, dtype=model.dtype, device=model.device)
+        """A cache for `model` with its buffers made now: the shapes, dtypes and devices of each layer's keys
+        and values are read off one token per row through the model class's own forward (not a compiled
+        one set on the instance; no hooks), eagerly, into a StaticCache of one position."""
+        cache, probe = cls(model.config, max_cache_len), transformers.StaticCache(model.config, 1)
+        ids = torch.zeros(batch_size, 1, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad():
+            type(model).forward(model, input_ids=ids, use_cache=True, **{cache_argument(model): probe})
+        for mine, seen in zip(cache.layers, probe.layers, strict=True):
+            if getattr(seen, "is_initialized", False) and isinstance(mine, transformers.cache_utils.StaticLayer):
+                keys, values = (
+                    torch.empty(*t.shape[:-2], 0, t.shape[-1], dtype=t.dtype, device=t.device)
+                    for t in (seen.keys, seen.values)
+                )
+                mine.lazy_initialization(keys, values)
+        return cache

@@ -1,6 +1,7 @@
 """Hugging Face decoders nobody here wrote, tiny random configs: generate() with the default
-DynamicCache and with the StaticCache returns the uncompiled model's tokens at K = L, and every graph
-of prefill and decode is rewritten (no fallback); an encoder (BERT) is rewritten in its default call."""
+DynamicCache, the StaticCache and a StackedStaticCache returns the uncompiled model's tokens at K = L,
+and every graph of prefill and decode is rewritten (no fallback); an encoder (BERT) is rewritten in its
+default call."""
 
 import io
 import logging
@@ -11,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 T = transformers
 
+import snlp_compile  # noqa: E402
 from tests.helpers.huggingface import COMMON  # noqa: E402
 
 DECODERS = {
@@ -42,17 +44,19 @@ def snlp_log():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("cache", [None, "static", "stacked"])
 @pytest.mark.parametrize("name", sorted(DECODERS))
 @torch.no_grad()
 def test_generate_matches_the_uncompiled_model(name, cache, snlp_log):
     torch.manual_seed(0)
     model = DECODERS[name]().eval()
     model.generation_config.pad_token_id = 0
-    model.generation_config.cache_implementation = cache
     idx = torch.randint(1, 64, (2, 7))
     kwargs = dict(attention_mask=torch.ones_like(idx), max_new_tokens=4, do_sample=False)
+    model.generation_config.cache_implementation = None if cache == "stacked" else cache
     expected = model.generate(idx, **kwargs)
+    if cache == "stacked":  # the compiled run's cache (the uncompiled run used the default one)
+        kwargs["past_key_values"] = snlp_compile.StackedStaticCache.for_model(model, 2, 11)
     torch._dynamo.reset()
     original = model.forward
     model.forward = torch.compile(original, backend="snlp", options={"iters": 4, "inner": "eager"})

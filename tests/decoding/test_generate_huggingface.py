@@ -1,4 +1,4 @@
-"""snlp_compile.generate on Hugging Face causal LMs, through their decoder (a StackedStaticCache):
+"""snlp_compile.generate on Hugging Face causal LMs, through their decoder (a transformers StaticCache):
 greedy tokens equal model.generate(do_sample=False) in every mode where they must."""
 
 import gc

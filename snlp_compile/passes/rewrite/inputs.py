@@ -159,7 +159,7 @@ def _writes_idempotently(layer: Layer, node: Node) -> bool:
         if not overwrites(writer):
             return False
         sources = {a for a in writer.all_input_nodes if a is not target}
-        read = (sources | backward_closure(sources, own | set(layer.inputs))) - {target}
+        read = sources | backward_closure(sources, own | set(layer.inputs))
         if any(node in alias_roots(n, own) for n in read):
             return False
     return True
