@@ -8,7 +8,8 @@ greedy output identical to sequential, checked). Weights are random unless --che
 then overrides the preset's): acceptance rates on random weights are a lower bound. The prompt is
 random ids, or with --prompt-data the start of that text file's validation split (its last 10%,
 as in train_char_lm.py). Timing excludes compilation (one untimed warm-up generation per mode).
-Writes OUT/speculative.json.
+Speculative rows split their time into drafting, verifying (forward and acceptance rule, on the
+device's clock) and the rest (host work between them). Writes OUT/speculative.json.
 
     PYTHONPATH=. python3 benchmarks/bench_speculative.py --preset d20 --context 512 --out out
     PYTHONPATH=. python3 benchmarks/bench_speculative.py --preset char --checkpoint runs/gpt_reg/model.pt \
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     seconds=seconds,
                     exact=divergence(model, reference.tokens, out.tokens, context),
                     acceptance=out.stats.acceptance_rate,
+                    draft_s=out.stats.phase_seconds["draft"],
+                    verify_s=out.stats.phase_seconds["verify"],
                 )
             )
         for row in rows:
@@ -137,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         doc["rows"].extend(rows)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "speculative.json", doc)
-    headers = ["preset", "mode", "draft", "tok/s", "x sequential", "acceptance", "same tokens as sequential"]
+    headers = ["preset", "mode", "draft", "tok/s", "x sequential", "acceptance", "draft / verify / rest %"]
+    headers.append("same tokens as sequential")
     cells = [
         [
             r["preset"],
@@ -146,12 +150,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{r['tokens_per_s']:.1f}",
             f"{r['speedup']:.2f}",
             "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+            _split(r),
             r["exact"],
         ]
         for r in doc["rows"]
     ]
     print(format_table(headers, cells))
     return doc
+
+
+def _split(row: dict) -> str:
+    """A speculative row's draft / verify / other time in % of its wall time ("-" for other modes)."""
+    if "draft_s" not in row:
+        return "-"
+    parts = [row["draft_s"], row["verify_s"]]
+    parts.append(row["seconds"] - sum(parts))
+    return " / ".join(f"{100 * part / row['seconds']:.0f}" for part in parts)
 
 
 if __name__ == "__main__":

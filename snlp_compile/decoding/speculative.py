@@ -16,7 +16,7 @@ from torch import Tensor
 from .cache import KVCache
 from .compiled import Forward
 from .sampling import Sampler, verify_drafts
-from .stats import GenerationStats
+from .stats import GenerationStats, PhaseTimer
 
 
 @torch.no_grad()
@@ -30,20 +30,24 @@ def speculative(
     draft_len: int,
     stats: GenerationStats,
 ) -> Iterator[Tensor]:
-    """Draft up to draft_len tokens with `draft`, verify them in one `exact` forward; yields accepted chunks."""
+    """Draft up to draft_len tokens with `draft`, verify them in one `exact` forward; yields accepted chunks.
+    The draft and verify times go to stats.phase_seconds once the stream is exhausted."""
     token = sampler.next_token(exact(prompt, cache))  # invariant: `token` is emitted, not yet in the cache
     stats.model_calls, emitted = 1, 1
+    timer = PhaseTimer(prompt.device)
     yield token
     while emitted < n_new:
         k = min(draft_len, n_new - emitted - 1)
         drafts, qs = [token], []
-        for _ in range(k):
-            qs.append(sampler.probs(draft(drafts[-1], cache)[:, -1]))
-            drafts.append(sampler.sample(qs[-1])[:, None])
+        with timer.phase("draft"):
+            for _ in range(k):
+                qs.append(sampler.probs(draft(drafts[-1], cache)[:, -1]))
+                drafts.append(sampler.sample(qs[-1])[:, None])
         cache.rewind(k)  # k drafts were written after the emitted tokens: no host sync needed
-        p = sampler.probs(exact(torch.cat(drafts, dim=1), cache))
-        q = torch.stack(qs, dim=1) if qs else p[:, :0]
-        accepted, tokens = verify_drafts(torch.cat(drafts[1:], dim=1) if k else token[:, :0], p, q, sampler)
+        with timer.phase("verify"):  # the verifying forward and the acceptance rule
+            p = sampler.probs(exact(torch.cat(drafts, dim=1), cache))
+            q = torch.stack(qs, dim=1) if qs else p[:, :0]
+            accepted, tokens = verify_drafts(torch.cat(drafts[1:], dim=1) if k else token[:, :0], p, q, sampler)
         n = int(accepted.min())
         cache.rewind(k - n)  # 0 <= n <= k
         chunk = tokens[:, : n + 1]
@@ -53,3 +57,4 @@ def speculative(
         stats.accepted += n
         emitted += n + 1
         yield chunk
+    stats.phase_seconds = timer.totals()

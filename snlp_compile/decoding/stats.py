@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -17,7 +18,9 @@ class GenerationStats:
     model_calls counts every forward (prefill, decode steps, drafts and verifications); drafted
     and accepted count speculative draft tokens (per sequence; a batch accepts the shortest row's
     agreeing prefix). seconds is wall time from the first token request to the end (synchronised),
-    including any compilation the run triggers.
+    including any compilation the run triggers. phase_seconds (speculative mode): time spent drafting
+    ("draft") and verifying ("verify", the verifying forward with its sampling), on the device's
+    clock (`PhaseTimer`).
     """
 
     mode: str
@@ -28,6 +31,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,3 +56,33 @@ def timed(chunks: Iterator[Tensor], stats: GenerationStats, device: torch.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
+
+
+class PhaseTimer:
+    """Time spent in named phases of a loop without a host sync per phase: CUDA events on the current
+    stream (read once, in `totals`), or the host clock on other devices (whose ops run synchronously)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._spans: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = torch.cuda.Event(enable_timing=True) if self._cuda else time.perf_counter()
+        if self._cuda:
+            start.record()
+        yield
+        end = torch.cuda.Event(enable_timing=True) if self._cuda else time.perf_counter()
+        if self._cuda:
+            end.record()
+        self._spans.append((name, start, end))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase name (synchronises with the device once)."""
+        if self._cuda and self._spans:
+            self._spans[-1][2].synchronize()
+        totals: dict[str, float] = {}
+        for name, start, end in self._spans:
+            seconds = start.elapsed_time(end) / 1000 if self._cuda else end - start
+            totals[name] = totals.get(name, 0.0) + seconds
+        return totals

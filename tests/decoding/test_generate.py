@@ -90,6 +90,8 @@ def test_speculative_greedy_is_sequential_greedy(model):
         stats = out.stats
         assert 0.0 <= stats.acceptance_rate <= 1.0 and stats.drafted > 0 and stats.new_tokens == NEW
         assert stats.model_calls == 1 + stats.drafted + (stats.new_tokens - 1 - stats.accepted)
+        phases = stats.phase_seconds
+        assert set(phases) == {"draft", "verify"} and min(phases.values()) > 0 and sum(phases.values()) < stats.seconds
         # rejected drafts were rolled back: the cache holds the sequential K/V of every fed-back token
         filled = int(seq_cache.pos)
         assert filled == 5 + NEW - 1 and int(spec_cache.pos) == filled
