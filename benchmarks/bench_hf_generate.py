@@ -107,13 +107,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     snlp = {"iters": 1, "n_seq": args.n_seq}
 
     def with_forward(forward: Callable | None, stacked: bool = False, **kwargs: Any) -> Callable[[], torch.Tensor]:
-        """generate() with `forward` in place of the model's; `stacked`: into a fresh StackedStaticCache."""
+        """generate() with `forward` in place of the model's; `stacked`: into a StackedStaticCache made at the
+        first (untimed) call and reset at each, as generate() keeps and resets its own static cache (made
+        anew, its buffers would take the timed call's time and new addresses, re-recording CUDA graphs)."""
+        made: list = []
 
         def run() -> torch.Tensor:
             model.forward = forward or original
             if stacked:
-                length = args.prompt + args.new_tokens
-                kwargs["past_key_values"] = StackedStaticCache.for_model(model, ids.shape[0], length)
+                if not made:
+                    made.append(StackedStaticCache.for_model(model, ids.shape[0], args.prompt + args.new_tokens))
+                made[0].reset()
+                kwargs["past_key_values"] = made[0]
             try:
                 with torch.no_grad():
                     return model.generate(ids, **common, **kwargs)

@@ -8,10 +8,11 @@ Traced by dynamo, a layer reads `buffer[i]`, so the SNLP rewrite writes all para
 and values into the stacked buffer at once (an input "slice"), with no stacking of per-layer
 caches and no copy back on each call, as a plain StaticCache needs.
 
-Invariants: a layer's attribute is always its row of the buffer (an assignment copies into the row,
-moving the whole buffer when it names another device); every layer of a kind has the same shapes
-(ValueError naming the layer otherwise); the buffers are marked as static addresses, as transformers
-marks a StaticCache's tensors, so CUDA graphs keep them.
+Invariants: a layer's attribute is always its row of the buffer (an assignment copies into the row;
+the counts, made on the CPU, move with the first layer initialised on an accelerator); every layer of
+a kind has the same shapes and device (ValueError naming the layer otherwise; no offloading); the
+buffers are marked as static addresses, as transformers marks a StaticCache's tensors, so CUDA graphs
+keep them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class _LayerGroup:
     def __init__(self, kind: str, n_layers: int) -> None:
         self.kind, self.n_layers = kind, n_layers
         self.buffers: dict[str, Tensor] = {}
+        self.placed: set[str] = set()  # names whose buffer a layer has put on an accelerator: it stays there
 
     def row(self, name: str, index: int) -> Tensor | None:
         buffer = self.buffers.get(name)
@@ -51,8 +53,16 @@ class _LayerGroup:
             raise TypeError(f"StackedStaticCache: {self.kind} layer {index}'s {name} must be a tensor, got {value!r}")
         if buffer is None:
             buffer = self._store(name, value.new_zeros((self.n_layers, *value.shape)))
+        elif buffer.device != value.device and buffer.device.type == "cpu" and name not in self.placed:
+            buffer = self._store(name, buffer.to(value.device))  # a count made on the CPU, moved at initialisation
         elif buffer.device != value.device:
-            buffer = self._store(name, buffer.to(value.device))
+            raise ValueError(
+                f"StackedStaticCache: {self.kind} layer {index}'s {name} is on {value.device}, the other {self.kind} "
+                f"layers' on {buffer.device}: a stacked cache keeps the layers of a kind on one device (use "
+                "transformers.StaticCache for a model spread over devices)"
+            )
+        if value.device.type != "cpu":
+            self.placed.add(name)
         if buffer.shape[1:] != value.shape or buffer.dtype != value.dtype:
             raise ValueError(
                 f"StackedStaticCache: {self.kind} layer {index}'s {name} is {tuple(value.shape)} {value.dtype}, the "
@@ -82,8 +92,9 @@ def _stacked_attribute(name: str) -> property:
 def stacked_layer_class(layer_class: type) -> type:
     """`layer_class` (a transformers static cache layer) with its tensors as rows of stacked buffers; an
     instance has `_stack_group` and `_stack_index` set before any of those tensors."""
-    namespace = {name: _stacked_attribute(name) for name in STACKED_ATTRIBUTES}
+    namespace: dict[str, Any] = {name: _stacked_attribute(name) for name in STACKED_ATTRIBUTES}
     namespace["__doc__"] = f"{layer_class.__name__} over rows of stacked buffers."
+    namespace["_layer_type"] = None  # not registered in transformers' layer-type tables in its base's place
     return type(f"Stacked{layer_class.__name__}", (layer_class,), namespace)
 
 
@@ -96,13 +107,18 @@ class StackedStaticCache(transformers.StaticCache):
     and the SNLP rewrite would leave that graph unmodified (it logs why)."""
 
     def __init__(self, config: Any, max_cache_len: int, **kwargs: Any) -> None:
+        if kwargs.get("offloading"):
+            raise ValueError(
+                "StackedStaticCache: offloading moves each layer's tensors on its own, and a layer's tensors here are "
+                "rows of one buffer; use transformers.StaticCache(..., offloading=True)"
+            )
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         kinds: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
             if isinstance(layer, transformers.cache_utils.StaticLayer):
                 kinds.setdefault((type(layer), layer.max_cache_len), []).append(i)
-        for (layer_class, _), members in kinds.items():
-            group = _LayerGroup(layer_class.__name__, len(members))
+        for (layer_class, length), members in kinds.items():
+            group = _LayerGroup(f"{layer_class.__name__}({length} positions)", len(members))
             for index, i in enumerate(members):
                 old, stacked = self.layers[i], stacked_layer_class(layer_class)
                 layer = stacked.__new__(stacked)

@@ -34,7 +34,7 @@ def speculative(
     The draft and verify times go to stats.phase_seconds once the stream is exhausted."""
     token = sampler.next_token(exact(prompt, cache))  # invariant: `token` is emitted, not yet in the cache
     stats.model_calls, emitted = 1, 1
-    timer = PhaseTimer(prompt.device)
+    timer = PhaseTimer(prompt.device, ("draft", "verify"))
     yield token
     while emitted < n_new:
         k = min(draft_len, n_new - emitted - 1)

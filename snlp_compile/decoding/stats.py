@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,30 +60,36 @@ def timed(chunks: Iterator[Tensor], stats: GenerationStats, device: torch.device
 
 
 class PhaseTimer:
-    """Time spent in named phases of a loop without a host sync per phase: CUDA events on the current
-    stream (read once, in `totals`), or the host clock on other devices (whose ops run synchronously)."""
+    """Time spent in named phases of a loop without a host sync per phase: CUDA events on `device`'s
+    current stream (read once, in `totals`), or the host clock on other devices (whose ops run
+    synchronously). Every name in `names` has a total, 0.0 when its phase never ran."""
 
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self._spans: list[tuple[str, object, object]] = []
+    def __init__(self, device: torch.device, names: tuple[str, ...] = ()) -> None:
+        self._device = device
+        self._names = names
+        self._spans: list[tuple[str, Any, Any]] = []
+
+    def _now(self) -> Any:
+        """A point in time: a recorded CUDA event, or the host clock."""
+        if self._device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        return event
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        start = torch.cuda.Event(enable_timing=True) if self._cuda else time.perf_counter()
-        if self._cuda:
-            start.record()
+        """Time the code inside as one span of phase `name`."""
+        start = self._now()
         yield
-        end = torch.cuda.Event(enable_timing=True) if self._cuda else time.perf_counter()
-        if self._cuda:
-            end.record()
-        self._spans.append((name, start, end))
+        self._spans.append((name, start, self._now()))
 
     def totals(self) -> dict[str, float]:
         """Seconds per phase name (synchronises with the device once)."""
-        if self._cuda and self._spans:
+        cuda = self._device.type == "cuda"
+        if cuda and self._spans:
             self._spans[-1][2].synchronize()
-        totals: dict[str, float] = {}
+        totals = dict.fromkeys(self._names, 0.0)
         for name, start, end in self._spans:
-            seconds = start.elapsed_time(end) / 1000 if self._cuda else end - start
-            totals[name] = totals.get(name, 0.0) + seconds
+            totals[name] = totals.get(name, 0.0) + (start.elapsed_time(end) / 1000 if cuda else end - start)
         return totals

@@ -10,6 +10,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from torch.fx import Node
 
 _aten = torch.ops.aten
 
@@ -33,3 +34,14 @@ def calls(node: object, targets: set) -> bool:
     """`node` is a call_function or call_method node of one of `targets`."""
     op = getattr(node, "op", None)
     return op in ("call_function", "call_method") and node.target in targets
+
+
+def aten_name(node: Node) -> str | None:
+    """The name of the aten op a node calls (`dropout`, `bernoulli` for `bernoulli_`), if any."""
+    if node.op == "call_method" and isinstance(node.target, str):
+        return node.target.rstrip("_") or None
+    if node.op != "call_function":
+        return None
+    schema = getattr(node.target, "_schema", None)
+    name = schema.name.split("::")[-1] if schema is not None else getattr(node.target, "__name__", None)
+    return name.rstrip("_") if isinstance(name, str) else None

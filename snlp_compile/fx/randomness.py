@@ -12,18 +12,8 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from .ops import aten_name
 from .values import example_value, specialised
-
-
-def _aten_name(node: Node) -> str | None:
-    """The name of the aten op a node calls (`dropout`, `bernoulli` for `bernoulli_`), if any."""
-    if node.op == "call_method" and isinstance(node.target, str):
-        return node.target.rstrip("_") or None
-    if node.op != "call_function":
-        return None
-    schema = getattr(node.target, "_schema", None)
-    name = schema.name.split("::")[-1] if schema is not None else getattr(node.target, "__name__", None)
-    return name.rstrip("_") if isinstance(name, str) else None
 
 
 def _bound_arguments(node: Node, packet: torch._ops.OpOverloadPacket) -> dict[str, Any]:
@@ -48,7 +38,7 @@ def random_op(node: Node) -> str | None:
     or its aten name: F.dropout, torch.randn_like, Tensor.bernoulli_), None for a deterministic one:
     a dropout-like op called with training=False or with probability 0 (`p`, SDPA's `dropout_p`),
     which returns its input and draws nothing."""
-    name = _aten_name(node)
+    name = aten_name(node)
     packet = getattr(torch.ops.aten, name, None) if name else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return None

@@ -7,10 +7,11 @@ stack analysis sees that the reader depends on the write (`detect._make_layer`) 
 the second view for a value computed before the layer.
 
 Invariants: only basic indexing (`operator.getitem` with ints, slices, None and Ellipsis) of a tensor
-is merged, the later node replaced by the earlier one; such a view's memory and layout are a function
-of its base and index alone, whatever is written in between. Views merge only within one module
-call (equal `nn_module_stack`), so no merge passes a value from one layer to another or moves a
-layer's node out of it.
+is merged, the later node replaced by the earlier one, and only where their traced values agree on
+storage, sizes, strides, offset and requires_grad (a base moved by `set_` or reshaped in place in
+between, or a view taken in another grad mode, is not the same view). Views merge only within one
+module call (equal, non-empty `nn_module_stack`), so no merge passes a value from one layer to
+another or moves a layer's node out of it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import types
 
 import torch
 from torch.fx import Graph, Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .values import example_value, freeze
 
@@ -31,6 +33,18 @@ def _basic_index(index: object) -> bool:
     return all(isinstance(i, _BASIC_INDEX) and not isinstance(i, bool) for i in items)
 
 
+def _layout(value: torch.Tensor) -> tuple:
+    """What makes two views the same memory seen the same way."""
+    storage = StorageWeakRef(value.untyped_storage())
+    return (
+        storage,
+        freeze(tuple(value.shape)),
+        freeze(value.stride()),
+        freeze(value.storage_offset()),
+        value.requires_grad,
+    )
+
+
 def merge_repeated_views(graph: Graph) -> int:
     """Replace each basic-indexing view of a tensor node by the first equal one taken in the same module
     call; the number merged."""
@@ -40,9 +54,10 @@ def merge_repeated_views(graph: Graph) -> int:
         if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2 or node.kwargs:
             continue
         base, index = node.args
-        if not isinstance(base, Node) or not isinstance(example_value(base), torch.Tensor) or not _basic_index(index):
+        value, scope = example_value(node), tuple(node.meta.get("nn_module_stack") or {})
+        if not isinstance(base, Node) or not isinstance(value, torch.Tensor) or not _basic_index(index) or not scope:
             continue
-        key = (base, freeze(index), tuple(node.meta.get("nn_module_stack") or {}))
+        key = (base, freeze(index), scope, _layout(value))
         if key not in first:
             first[key] = node
             continue

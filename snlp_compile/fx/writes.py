@@ -23,7 +23,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .args import first_node, flat_args, map_args
+from .args import first_node, flat_args, leaves, map_args
+from .ops import aten_name
 from .values import example_value, freeze, value_signature
 
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -228,38 +229,36 @@ def written_roots(nodes: list[Node] | set[Node], within: set[Node]) -> set[Node]
     return {root for n in nodes if (target := mutated_arg(n)) is not None for root in alias_roots(target, within)}
 
 
-# in-place ops whose result is a function of their other arguments alone (no read of what they overwrite)
-_OVERWRITES = {
-    "copy_",
-    "fill_",
-    "zero_",
-    "index_copy_",
-    "index_fill_",
-    "index_put_",
-    "masked_fill_",
-    "masked_scatter_",
-    "scatter_",
-    "setitem",
-    "cache_write_",
+# in-place ops that replace what they write with their value argument (no read of what they overwrite):
+# aten name -> positions of the arguments that choose where (index, mask), with their keyword names
+_OVERWRITE_PLACES: dict[str, tuple[int, ...]] = {
+    "copy": (),
+    "fill": (),
+    "zero": (),
+    "index_copy": (2,),
+    "index_fill": (2,),
+    "index_put": (1,),
+    "masked_fill": (1,),
+    "masked_scatter": (1,),
+    "scatter": (2,),
+    "setitem": (1,),
+    "cache_write": (2,),
 }
+_PLACE_KEYWORDS = ("index", "indices", "mask")
 
 
-def _op_name(node: Node) -> str:
-    if isinstance(node.target, str):
-        return node.target
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.name.split("::")[-1]
-    return getattr(node.target, "__name__", "")
-
-
-def overwrites(node: Node) -> bool:
-    """The in-place op replaces what it writes with a function of its other arguments (index_copy_, copy_,
-    setitem, ...: applied twice, it leaves what it left once, given the same arguments), rather than
-    combining with it (add_, a scatter with a reduction, index_put_ with accumulate)."""
-    if _op_name(node) not in _OVERWRITES:
-        return False
-    kwargs = node.kwargs
-    accumulate = kwargs.get(
-        "accumulate", node.args[3] if _op_name(node) == "index_put_" and len(node.args) > 3 else False
-    )
-    return not accumulate and kwargs.get("reduce") is None
+def overwrite_places(node: Node) -> list[Node] | None:
+    """For an in-place op that overwrites what it writes with a function of its value argument
+    (index_copy_, copy_, setitem, masked_fill_, ...; applied twice with the same arguments, it leaves
+    what it left once): the nodes that choose where it writes (index, mask; [] for a whole-tensor
+    write). None for any other op, and for one that combines with what it writes (add_, a scatter
+    with a reduction, index_put_ with accumulate)."""
+    name = aten_name(node)
+    if name not in _OVERWRITE_PLACES or node.kwargs.get("reduce") is not None:
+        return None
+    accumulate = node.kwargs.get("accumulate", node.args[3] if name == "index_put" and len(node.args) > 3 else False)
+    if accumulate:
+        return None
+    chosen = [node.args[i] for i in _OVERWRITE_PLACES[name] if i < len(node.args)]
+    chosen += [node.kwargs[k] for k in _PLACE_KEYWORDS if k in node.kwargs]
+    return [n for _, n in leaves(chosen, ()) if isinstance(n, Node)]

@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import snlp_compile  # noqa: E402
+from snlp_compile.decoding.hf_stacked_cache import stacked_layer_class  # noqa: E402
 from tests.helpers.huggingface import COMMON, gpt2, llama  # noqa: E402
 
 EXACT = {"iters": 4, "inner": "eager", "fallback": "error"}
@@ -80,6 +81,23 @@ def test_layers_of_one_kind_must_match_and_stay_set():
         cache.layers[0].keys = None
     with pytest.raises(TypeError, match="must be a tensor"):
         cache.layers[0].values = 3
+    with pytest.raises(ValueError, match="offloading"):
+        snlp_compile.StackedStaticCache(model.config, max_cache_len=8, offloading=True)
+
+
+def test_the_stacked_layer_classes_leave_transformers_tables_alone():
+    """A layer class a modeling file registers (`_layer_type`) keeps its entry when it is stacked."""
+    mapping = transformers.cache_utils.STATIC_LAYER_TYPE_MAPPING
+
+    class Registered(transformers.cache_utils.StaticLayer):
+        _layer_type = "snlp_test_kind"
+
+    try:
+        assert mapping["snlp_test_kind"] is Registered
+        stacked_layer_class(Registered)
+        assert mapping["snlp_test_kind"] is Registered
+    finally:
+        del mapping["snlp_test_kind"]
 
 
 def test_sliding_window_layers_stack_apart_from_full_ones():
@@ -88,8 +106,8 @@ def test_sliding_window_layers_stack_apart_from_full_ones():
     cache = snlp_compile.StackedStaticCache.for_model(model, batch_size=1, max_cache_len=12)
     groups = {id(layer._stack_group): layer._stack_group for layer in cache.layers}
     assert sorted((g.kind, g.n_layers, g.buffers["keys"].shape[3]) for g in groups.values()) == [
-        ("StaticLayer", 2, 12),
-        ("StaticSlidingWindowLayer", 2, 4),
+        ("StaticLayer(12 positions)", 2, 12),
+        ("StaticSlidingWindowLayer(4 positions)", 2, 4),
     ]
     ids = torch.randint(1, 64, (1, 6))
     plain = transformers.StaticCache(config=model.config, max_cache_len=12)

@@ -57,7 +57,8 @@ def stack_config(config: SNLPConfig, excluded: int, num_layers: int) -> SNLPConf
 def analyse(gm: GraphModule, config: SNLPConfig) -> StackPlan:
     """Detect the stack and read its surrogates; NotAStack when unsafe, ValueError when misconfigured."""
     reason = getattr(gm, "compile_subgraph_reason", None)
-    merge_repeated_views(gm.graph)  # a view taken again after a write reads the write: one node
+    if merge_repeated_views(gm.graph):  # a view taken again after a write reads the write: one node
+        gm.recompile()
     match = detect_layer_stack(gm)
     if reason is not None and getattr(reason, "graph_break", False):
         raise NotAStack("a graph break ends this graph, so the layer stack may be split across graphs")

@@ -108,15 +108,15 @@ def _program(
     return program
 
 
-def _log_copied(match: LayerStackMatch, slots: list[list[InputSlot]]) -> None:
+def _log_copied(match: LayerStackMatch, copied: list[list[int]]) -> None:
     """Say which inputs the layers write through per-evaluation copies (a cost: stacked and copied back
     on every call), by the first layer's name for them."""
-    inputs = [match.layers[m[0]].inputs[k] for m, c in zip(match.groups, _copied(slots), strict=True) for k in c]
+    inputs = [match.layers[m[0]].inputs[k] for m, c in zip(match.groups, copied, strict=True) for k in c]
     names = [f"{n.args[0].name}[{n.args[1]}]" if n.target is operator.getitem else n.name for n in inputs]
     if names:
         logger.info(
             "snlp: the layers write %s through per-evaluation copies (one tensor per layer, or writes that do not "
-            "overwrite: stacked and copied back on each call; a StackedStaticCache's keys and values are not)",
+            "only overwrite: stacked and copied back on each call)",
             ", ".join(names),
         )
 
@@ -193,7 +193,8 @@ def rewrite_stack(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     canonical = canonical_inputs(gm.graph, layers)
     slots = plan_slots(placeholders, plan.match, cache_graph_inputs=not stack_in_graph)
-    _log_copied(plan.match, slots)
+    copied = _copied(slots)
+    _log_copied(plan.match, copied)
     graph, env, weights = Graph(), {}, StackedWeights()
     program = _program(gm, plan, lowerings, slots, canonical)
     added: dict[str, Tensor | nn.Module] = {"snlp_stack": program}
@@ -221,7 +222,6 @@ def rewrite_stack(
         per_layer = tuple(tuple(env[canonical[n]] for n in layer.inputs) for layer in layers[: plan.config.n_seq])
         per_group = _group_inputs(graph, slots, cached, env, canonical)
         out = graph.call_module("snlp_stack", (env[layers[0].state_in], per_layer, per_group))
-        copied = _copied(slots)
         sides = [
             item
             for p, layer in enumerate(layers)

@@ -23,7 +23,7 @@ from ...fx.capture import source_name
 from ...fx.closures import backward_closure
 from ...fx.equality import same_value
 from ...fx.values import SYMBOLIC, example_value, specialised
-from ...fx.writes import alias_roots, declared_write, mutated_arg, overwrites, written_roots
+from ...fx.writes import alias_roots, declared_write, mutated_arg, overwrite_places, written_roots
 from ..analysis import Layer, LayerStackMatch, NotAStack
 
 
@@ -146,23 +146,34 @@ def _check_copied_writes(layer: Layer, node: Node) -> None:
 
 
 def _writes_idempotently(layer: Layer, node: Node) -> bool:
-    """Every write of the layer into `node`'s memory overwrites it (`overwrites`) with values and at
-    places computed without reading that memory: evaluating the layer again on the written tensor
-    leaves what one evaluation leaves (a cache written at the positions of this step), so Newton
-    iterations may write it directly (a "slice"). A count incremented in place (`add_`) or a window
-    rolled in place is not: each evaluation needs a fresh copy ("copied")."""
+    """Evaluating the layer again on the tensor it wrote leaves what one evaluation leaves, so Newton
+    iterations may write `node`'s memory directly (a "slice"): every write into it overwrites
+    (`overwrite_places`), at places (index, mask, the view written through) computed without the
+    state, with values that do not read that memory, and nothing in the layer reads the memory
+    before its first write. A cache written at the positions of this step is; a count incremented
+    in place (`add_`), a window rolled in place or a state-dependent scatter is not: each evaluation
+    needs a fresh copy ("copied")."""
     own = set(layer.nodes)
-    for writer in layer.nodes:
+    first_write = None
+    for position, writer in enumerate(layer.nodes):
         target = mutated_arg(writer)
         if target is None or node not in alias_roots(target, own):
             continue
-        if not overwrites(writer):
+        places = overwrite_places(writer)
+        if places is None:
             return False
+        first_write = position if first_write is None else first_write
         sources = {a for a in writer.all_input_nodes if a is not target}
         read = sources | backward_closure(sources, own | set(layer.inputs))
-        if any(node in alias_roots(n, own) for n in read):
+        chosen = {*places, target}
+        if any(node in alias_roots(n, own) for n in read) or layer.state_in in chosen | backward_closure(
+            chosen, own | {layer.state_in}
+        ):
             return False
-    return True
+    before = layer.nodes[: first_write or 0]
+    return not any(
+        node not in alias_roots(n, own) and any(node in alias_roots(a, own) for a in n.all_input_nodes) for n in before
+    )
 
 
 def plan_slots(gm_placeholders: list[Node], match: LayerStackMatch, cache_graph_inputs: bool) -> list[list[InputSlot]]:
