@@ -1,4 +1,5 @@
-"""The counters of one decoding run, and the wrapper that times it and counts its tokens."""
+"""The counters of one decoding run, the wrapper that times it and counts its tokens, and the timer of
+its phases (drafting, verifying) that syncs with the device once."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 Invariant: a set holds only spellings of one out-of-place operation; in-place spellings
 (`operator.iadd`, "add_") are separate sets, for passes that follow a value through them.
+`aten_name` names the aten op behind any spelling, for passes that key on the op, not the spelling.
 """
 
 from __future__ import annotations

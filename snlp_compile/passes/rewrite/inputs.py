@@ -165,10 +165,10 @@ def _writes_idempotently(layer: Layer, node: Node) -> bool:
         first_write = position if first_write is None else first_write
         sources = {a for a in writer.all_input_nodes if a is not target}
         read = sources | backward_closure(sources, own | set(layer.inputs))
+        if any(node in alias_roots(n, own) for n in read):  # the written values read what they overwrite
+            return False
         chosen = {*places, target}
-        if any(node in alias_roots(n, own) for n in read) or layer.state_in in chosen | backward_closure(
-            chosen, own | {layer.state_in}
-        ):
+        if layer.state_in in chosen | backward_closure(chosen, own | {layer.state_in}):  # places move with the state
             return False
     before = layer.nodes[: first_write or 0]
     return not any(
