@@ -133,7 +133,7 @@ def stream(
 
     model: a decoder that meets `DecodableModel` (`forward(idx, kv_cache=cache) -> logits`, a cache
         factory and its limits), such as the `snlp_compile.models` decoders, or a Hugging Face
-        decoder-only causal LM (decoded through `hf_decoder`, with a transformers StaticCache).
+        decoder-only causal LM (decoded through `hf_decoder`, with a StackedStaticCache).
     prompt_ids: int tensor [T] or [B, T], ids in [0, vocab_size), T + max_new_tokens <= max_seq_len.
     config: SNLPConfig (or its fields) of the SNLP model; None = SNLPConfig(); in "sequential" mode
         only its cudagraphs field is used (for compile_sequential).

@@ -1,5 +1,6 @@
 """Hugging Face causal LMs through the decoding protocol (cache.py): `hf_decoder(model)` is a
-DecodableModel over the model, whose caches are transformers StaticCaches.
+DecodableModel over the model, whose caches are `StackedStaticCache`s (transformers StaticCaches whose
+layers are rows of one buffer per layer kind, so the compiled layers write them in place).
 
 Invariants: a decoder holds its model by a weak reference (it never keeps the model alive) and there
 is one per model, so that the forwards compiled for it last across generate() calls; it reads the
@@ -41,7 +42,8 @@ def cache_argument(model: nn.Module) -> str:
 
 
 class HFStaticCache:
-    """A KVCache over a transformers StaticCache (`cache`, what the model's forward takes)."""
+    """A KVCache over a transformers StaticCache (`cache`, what the model's forward takes; a
+    StackedStaticCache when the decoder made it)."""
 
     def __init__(
         self, cache: object, geometry: Mapping[str, int], batch_size: int, max_seq_len: int, device: torch.device
@@ -90,11 +92,14 @@ class HFDecoder:
     def make_kv_cache(
         self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype
     ) -> HFStaticCache:
-        """An empty StaticCache of `max_seq_len` positions; transformers allocates it at the first forward, in
-        the dtype of the model's keys and values."""
-        import transformers
+        """An empty StackedStaticCache of `max_seq_len` positions, its buffers made now on the device and in
+        the dtype of the model's keys and values, read off one eager token (`device` and `dtype` are the
+        model's: decoding passes its weights'). Stacked, the compiled layers write their keys and
+        values in place; per-layer tensors would go through per-evaluation copies, whose cost grows with
+        `max_seq_len` (equal speed at 640 positions on an H200: benchmarks/RESULTS.md)."""
+        from .hf_stacked_cache import StackedStaticCache
 
-        cache = transformers.StaticCache(config=self._model().config, max_cache_len=max_seq_len)
+        cache = StackedStaticCache.for_model(self._model(), batch_size, max_seq_len)
         return HFStaticCache(cache, self.kv_cache_geometry, batch_size, max_seq_len, device)
 
     def __call__(self, idx: Tensor, kv_cache: HFStaticCache) -> Tensor:
