@@ -128,6 +128,22 @@ def lr_factor(steps: int, warmup: int, step: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
+def reg_iters(tokens: list[str]) -> list[int] | dict[int, list[int]]:
+    """--reg-iters as SNLPRegularizer's iters: counts K for every n_par, or N:K pairs as {N: [K, ...]}."""
+    pairs = [token.split(":") for token in tokens]
+    try:
+        if all(len(pair) == 1 for pair in pairs):
+            return [int(token) for token in tokens]
+        if all(len(pair) == 2 for pair in pairs):
+            per_n_par: dict[int, list[int]] = {}
+            for n, k in pairs:
+                per_n_par.setdefault(int(n), []).append(int(k))
+            return per_n_par
+    except ValueError:
+        pass
+    raise ValueError(f"--reg-iters takes integers K or N:K pairs (not both), got {' '.join(tokens)}")
+
+
 def regularizer(model: nn.Module, args: argparse.Namespace) -> SNLPRegularizer:
     """The regulariser the --reg-* flags describe (weight 0: off, a constant zero loss)."""
     if args.reg_form == "paper":
@@ -146,7 +162,7 @@ def regularizer(model: nn.Module, args: argparse.Namespace) -> SNLPRegularizer:
         weight=args.reg_weight,
         n_par=args.reg_n_par,
         stride=args.reg_stride,
-        iters=args.reg_iters,
+        iters=reg_iters(args.reg_iters),
         detach_target=args.reg_detach,
         warmup_steps=args.reg_warmup,
         surrogate=args.reg_surrogate,
@@ -214,7 +230,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reg-weight", type=float, default=0.0, help="SNLP regulariser weight lambda (0: off)")
     p.add_argument("--reg-form", choices=["mean", "paper"], default="mean", help="paper: SNLPRegularizer.paper")
     p.add_argument("--reg-n-par", type=int, nargs="+", default=None, help="parallel layer counts (default L/2)")
-    p.add_argument("--reg-iters", type=int, nargs="+", default=[1], help="iteration count(s) K regularised")
+    p.add_argument(
+        "--reg-iters",
+        nargs="+",
+        default=["1"],
+        help="iteration count(s) K regularised, for every n_par; or N:K pairs, e.g. 24:1 32:2 (the n_par N at K)",
+    )
     p.add_argument("--reg-stride", type=int, default=0)
     p.add_argument("--reg-warmup", type=int, default=0)
     p.add_argument("--reg-detach", action="store_true", help="no gradient through the sequential target")
@@ -233,7 +254,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--vocab must be in [2, 256] (byte ids), got {args.vocab}")
     if args.time_limit is not None and not args.time_limit > 0:
         p.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if args.reg_form == "paper" and (args.reg_iters != [1] or args.reg_checkpoint):
+    try:
+        reg_iters(args.reg_iters)
+    except ValueError as error:
+        p.error(str(error))
+    if args.reg_form == "paper" and (args.reg_iters != ["1"] or args.reg_checkpoint):
         p.error("--reg-form paper is K = 1 without recomputation: no --reg-iters or --reg-checkpoint")
     return args
 

@@ -128,6 +128,17 @@ def test_paper_form_of_the_regulariser(tmp_path):
         train_char_lm.main([*run, "--reg-iters", "1", "2", "--out", str(tmp_path / "k2")])
 
 
+def test_iteration_counts_per_n_par_from_the_command_line(tmp_path):
+    """--reg-iters N:K pairs regularise each n_par at its own K; mixing forms or non-integers is refused."""
+    assert train_char_lm.reg_iters(["2:1", "4:2", "4:3"]) == {2: [1], 4: [2, 3]}
+    assert train_char_lm.reg_iters(["1", "2"]) == [1, 2]
+    run = [*tiny_byte_run(tmp_path, 1), "--reg-weight", "1", "--reg-n-par", "2", "4", "--reg-iters", "2:1", "4:2"]
+    assert train_char_lm.main([*run, "--out", str(tmp_path / "pairs")])["train"][0]["reg"] > 0
+    for bad in (["1", "4:2"], ["4:x"], ["4:2:1"]):
+        with pytest.raises(SystemExit):
+            train_char_lm.main([*run[:-2], *bad, "--out", str(tmp_path / "bad")])
+
+
 @pytest.mark.slow
 def test_eval_grid_and_speed_on_cpu(tmp_path, monkeypatch):
     """The grid on a separate validation file, and --speed with tiny lengths: the eager baseline and

@@ -19,8 +19,8 @@ Invariants:
   before the first parallel layer, one solve per n_par whose iteration counts share their
   iterations; h is the forward's own sequential trace (captured by forward hooks on the layers'
   modules; recomputed from the layer functions for a forward no hook saw, such as the first); the
-  loss averages R over every (n_par, iters) pair. A term with iters >= n_par is exactly zero (the
-  solver's exactness invariant) and is not computed.
+  loss averages R over every (n_par, iters) pair (iters: those of that n_par, when given per n_par).
+  A term with iters >= n_par is exactly zero (the solver's exactness invariant) and is not computed.
 - With weight 0 no hook is registered and `loss()` is a constant zero.
 - The model is never modified beyond the hooks (`remove()` takes them off); its weights are only read.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -115,7 +115,9 @@ class SNLPRegularizer:
     parallel, each in [1, L] (L: the layers of the stack the compiler finds; the loss averages over
     them; default L // 2); stride: 0 scores the last layer only, s >= 1 every s-th layer of the
     parallel part (s <= min(n_par)); iters: the iteration count(s) K >= 1 of the solve (the loss
-    averages over them too, e.g. (1, 2) to train for K = 1 and 2); init ("h0" | "batch_fwd") of the
+    averages over them too, e.g. (1, 2) to train for K = 1 and 2), or a mapping from each n_par to its
+    own count(s), e.g. {24: 1, 32: 2} to train n_par 24 at K = 1 and n_par 32 at K = 2 only (its
+    keys are then the n_par values); init ("h0" | "batch_fwd") of the
     solve; detach_target: no gradient through the sequential trace; warmup_steps >= 0: the weight
     ramps linearly from 0 at step 0 to full at warmup_steps; surrogate: "auto" (read off the graph,
     as the compiler does), "identity" (IDN) or "hc" (HCN; an error where the layers have no stream
@@ -138,7 +140,7 @@ class SNLPRegularizer:
         weight: float = 0.5,
         n_par: int | Sequence[int] | None = None,
         stride: int = 0,
-        iters: int | Sequence[int] = 1,
+        iters: int | Sequence[int] | Mapping[int, int | Sequence[int]] = 1,
         init: str = "h0",
         detach_target: bool = False,
         warmup_steps: int = 0,
@@ -149,13 +151,21 @@ class SNLPRegularizer:
             raise TypeError(f"SNLPRegularizer takes an nn.Module, got {type(model).__name__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
             raise ValueError(f"SNLPRegularizer.weight must be a finite number >= 0, got {weight!r}")
+        if isinstance(iters, Mapping):
+            keys = _counts("iters' keys (n_par)", list(iters), 1)
+            if n_par is not None and set(_counts("n_par", n_par, 1)) != set(keys):
+                raise ValueError(f"SNLPRegularizer: iters' keys {sorted(keys)} must be the n_par values, got {n_par!r}")
+            n_par = keys
         self.n_par = None if n_par is None else _counts("n_par", n_par, 1)
         check_int("SNLPRegularizer.stride", stride, 0, None if self.n_par is None else min(self.n_par))
         check_int("SNLPRegularizer.warmup_steps", warmup_steps, 0)
         for name, flag in (("detach_target", detach_target), ("checkpoint", checkpoint)):
             if not isinstance(flag, bool):
                 raise ValueError(f"SNLPRegularizer.{name} must be True or False, got {flag!r}")
-        self.iters = tuple(sorted(set(_counts("iters", iters, 1))))
+        # the iteration counts of each n_par (None: of the default n_par), sorted and distinct
+        per_n_par = iters if isinstance(iters, Mapping) else dict.fromkeys(self.n_par or (None,), iters)
+        name = "iters[{}]" if isinstance(iters, Mapping) else "iters"
+        self.iters = {n: tuple(sorted(set(_counts(name.format(n), k, 1)))) for n, k in per_n_par.items()}
         self.config = SNLPConfig(init=init, surrogate=surrogate)
         self.model, self.weight, self.stride = model, float(weight), stride
         self.detach_target, self.warmup_steps, self.step_count = detach_target, warmup_steps, 0
@@ -298,11 +308,13 @@ class SNLPRegularizer:
                 )
             state, inputs = stack.side_inputs(self.model, args, kwargs)
             trace = self._sequential_trace(stack, state, inputs, outputs)
-            terms = [term for n in n_par for term in self._gaps(stack, state, inputs, trace, n)]
+            counts = {n: self.iters[n if self.n_par else None] for n in n_par}
+            terms = [term for n in n_par for term in self._gaps(stack, state, inputs, trace, n, counts[n])]
         if not terms:
             return torch.zeros((), device=self._device)
         total = torch.stack(terms).sum()
-        return scale * total if self._paper_stride is not None else scale * total / (len(n_par) * len(self.iters))
+        n_terms = sum(map(len, counts.values()))
+        return scale * total if self._paper_stride is not None else scale * total / n_terms
 
     def _sequential_trace(
         self, stack: TracedStack, state: Tensor, inputs: list[list[Any]], outputs: dict[int, Tensor]
@@ -328,11 +340,17 @@ class SNLPRegularizer:
         return [j for j in range(1, n_par) if (j + 1) % stride == 0 or j == n_par - 1]
 
     def _gaps(
-        self, stack: TracedStack, state: Tensor, inputs: list[list[Any]], trace: list[Tensor], n_par: int
+        self,
+        stack: TracedStack,
+        state: Tensor,
+        inputs: list[list[Any]],
+        trace: list[Tensor],
+        n_par: int,
+        iters: tuple[int, ...],
     ) -> list[Tensor]:
-        """R for the last n_par layers, one per iteration count K < n_par (K >= n_par is exact: zero):
-        the mean over the scored layers of the per-token relative error."""
-        counts = [k for k in self.iters if k < n_par]
+        """R for the last n_par layers, one per iteration count K in iters with K < n_par (K >= n_par is
+        exact: zero): the mean over the scored layers of the per-token relative error."""
+        counts = [k for k in iters if k < n_par]
         if not counts:
             return []
         first = len(stack) - n_par

@@ -272,6 +272,21 @@ def test_several_iteration_counts_average_their_terms():
     assert losses[1] > losses[2] > 0  # K = 2 is exact for n_par = 2 only: its n_par = 4 term remains
 
 
+def test_iteration_counts_per_n_par_average_only_their_own_terms():
+    """iters={2: 1, 4: 2}: the terms (n_par 2, K 1) and (n_par 4, K 2) only, averaged; the keys are the n_par."""
+    model = tiny()
+    regs = {n: SNLPRegularizer(model, weight=1.0, n_par=n, iters=k) for n, k in ((2, 1), (4, 2))}
+    regs["pairs"] = SNLPRegularizer(model, weight=1.0, iters={2: 1, 4: [2]})
+    model(IDX)
+    losses = {key: reg.loss() for key, reg in regs.items()}
+    torch.testing.assert_close(losses["pairs"], (losses[2] + losses[4]) / 2)
+    assert regs["pairs"].n_par == (2, 4)
+    with pytest.raises(ValueError, match=r"iters' keys \[2, 4\] must be the n_par values, got 3"):
+        SNLPRegularizer(model, n_par=3, iters={2: 1, 4: 2})
+    with pytest.raises(ValueError, match=r"iters\[4\] must be one or more integers >= 1, got 0"):
+        SNLPRegularizer(model, iters={2: 1, 4: 0})
+
+
 @pytest.mark.parametrize("cls", [GPT, MHCGPT], ids=["gpt", "mhc"])
 def test_checkpointed_solves_give_the_same_loss_and_gradients(cls):
     """checkpoint=True recomputes the solves in backward: same loss and gradients, a small fraction of
