@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from ..config import SNLPConfig, check_int, is_int_in
 from .cache import DecodableModel, KVCache, check_cache, decodable
 from .compiled import Forward, compiled_forward, eager_forward
+from .cuda_graph import fingerprint, graphs_for
 from .sampling import Sampler
-from .speculative import speculative
+from .speculative import RoundGraphs, speculative
 from .stats import GenerationStats, timed
 
 MODES = ("snlp", "sequential", "speculative")
@@ -147,7 +148,9 @@ def stream(
         reusing one of fixed size avoids dynamo recompiling for a new cache shape.
     compile_sequential: run the sequential forwards (mode "sequential", prefill, verification)
         through torch.compile with inductor, with CUDA graphs ("reduce-overhead") when
-        config.cudagraphs is on.
+        config.cudagraphs is on; in speculative mode on CUDA, config.cudagraphs captures each full
+        round's drafting and verifying as two CUDA graphs instead (kept per cache while the model's
+        parameters keep their addresses: speculative.RoundGraphs).
 
     Returns a TokenStream of [B, n] chunks: one token per step, or each verified chunk in
     speculative mode. Grad mode is off inside each step only; the model's weights are not touched.
@@ -163,8 +166,10 @@ def stream(
     cache = check_cache(kv_cache, decoder, batch, needed, weight.device)
     cache.reset()
 
+    # speculative rounds as CUDA graphs of their own: their forwards compiled without inductor's
+    round_graphs = mode == "speculative" and compile_sequential and snlp_config.cudagraphs and prompt.is_cuda
     exact = (
-        compiled_forward(decoder, None, snlp_config.cudagraphs)
+        compiled_forward(decoder, None, snlp_config.cudagraphs and not round_graphs)
         if compile_sequential
         else partial(eager_forward, decoder)
     )
@@ -177,9 +182,13 @@ def stream(
         prefill = snlp if snlp_config.prefill == "snlp" else exact
         chunks = _stepwise(prefill, snlp, prompt, max_new_tokens, cache, sampler, stats)
     else:
-        chunks = speculative(
-            compiled_forward(decoder, snlp_config), exact, prompt, max_new_tokens, cache, sampler, draft_len, stats
-        )
+        graphs = None
+        if round_graphs:
+            setting = (id(model), snlp_config, draft_len, float(temperature), top_k, batch)
+            graphs = RoundGraphs(graphs_for(cache, setting, fingerprint(model)))
+            snlp_config = snlp_config.replace(cudagraphs=False)
+        draft = compiled_forward(decoder, snlp_config)
+        chunks = speculative(draft, exact, prompt, max_new_tokens, cache, sampler, draft_len, stats, graphs)
     return TokenStream(timed(chunks, stats, prompt.device), prompt, stats)
 
 
