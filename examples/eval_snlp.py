@@ -346,7 +346,8 @@ def tune_checkpoints(paths: list[Path], names: list[str], val: Tensor, args: arg
         model = model.to(DTYPES[args.dtype])
         for budget in args.tune:
             torch._dynamo.reset()
-            result = snlp_compile.tune(model, rows, budget=budget, base={"inner": args.speed_inner})
+            base = {"inner": args.speed_inner}
+            result = snlp_compile.tune(model, rows, budget=budget, base=base, time_limit=args.tune_time_limit)
             result.plot(args.out / f"tune_{name}_{budget:g}.png")
             found.setdefault(name, {})[f"{budget:g}"] = dict(
                 config=None if result.chosen is None else result.chosen.label(),
@@ -391,6 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no speed variant starts")
     p.add_argument("--tune", type=float, nargs="+", default=None, help="loss budgets: snlp_compile.tune per checkpoint")
     p.add_argument("--tune-rows", type=int, default=8, help="validation rows of --seq tokens the tuner scores")
+    p.add_argument(
+        "--tune-time-limit", type=float, default=None, help="seconds per tune call after which no setting starts"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", type=Path, required=True)
@@ -402,6 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("n_par", "iters", "fuse", "speed_iters", "speed_fuse"):
         if any(v < 1 for v in getattr(args, name) or []):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tune_time_limit is not None and not 0 < args.tune_time_limit < math.inf:
+        p.error(f"--tune-time-limit must be a number of seconds > 0, got {args.tune_time_limit}")
     if args.speed_inner is None:
         args.speed_inner = "inductor" if torch.device(args.device).type == "cuda" else "eager"
     names = [path.parent.name or str(path) for path in args.checkpoints]

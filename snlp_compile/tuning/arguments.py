@@ -62,6 +62,7 @@ def check_arguments(
     measure: Any,
     warmup: Any,
     reps: Any,
+    time_limit: Any = None,
 ) -> SNLPConfig:
     """Check every argument of `tune` that can be checked before running the model; return the
     base configuration (`base` as an SNLPConfig)."""
@@ -81,6 +82,10 @@ def check_arguments(
         raise TypeError("tune: measure must have methods quality(config) and time_ms(config) (see tuning.Measure)")
     check_int("tune: warmup", warmup, 1)
     check_int("tune: reps", reps, 1)
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not 0 < time_limit < math.inf
+    ):
+        raise ValueError(f"tune: time_limit must be None or a finite number of seconds > 0, got {time_limit!r}")
     return SNLPConfig.from_options(base)
 
 

@@ -19,6 +19,7 @@ TIMED = "timed"
 OVER_BUDGET = "over budget"  # quality measured, outside the budget: not timed
 DOMINATED = "dominated"  # not measured: a setting with no more work is within budget, so this one cannot win
 REFUSED = "refused"  # the backend refused the graph under this setting (SNLPFallbackError)
+OUT_OF_TIME = "out of time"  # not measured: tune's time_limit ran out before its turn
 
 
 @dataclass

@@ -6,12 +6,15 @@ agree on every option but iters and init, with no more iterations and init "h0" 
 within budget, every setting that does at least its work is `DOMINATED`: neither scored nor timed.
 Settings are visited in an order that puts each after every setting doing no more work than it, so
 a setting within budget when visited can no longer be dominated: it is timed right away (a Measure
-may reuse the compile it scored with), and settings over budget are never timed.
+may reuse the compile it scored with), and settings over budget are never timed. With a deadline,
+no setting starts after it: the rest are `OUT_OF_TIME` (cheapest first, so the fastest candidates
+are the ones measured).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from tqdm import tqdm
@@ -20,7 +23,7 @@ from ..backends.fallback import SNLPFallbackError
 from ..config import SNLPConfig
 from .measure import Measure
 from .quality import Criterion
-from .result import DOMINATED, OVER_BUDGET, REFUSED, TIMED, Point
+from .result import DOMINATED, OUT_OF_TIME, OVER_BUDGET, REFUSED, TIMED, Point
 
 logger = logging.getLogger("snlp_compile")
 
@@ -49,17 +52,30 @@ def _measure(point: Point, measure: Measure, criterion: Criterion) -> None:
         logger.info("snlp tune: %s refused: %s", point.label(), point.detail)
 
 
-def search(settings: Sequence[SNLPConfig], measure: Measure, criterion: Criterion, progress: bool) -> list[Point]:
-    """Every setting as a Point, in the given order: scored unless dominated, timed when within budget."""
+def search(
+    settings: Sequence[SNLPConfig],
+    measure: Measure,
+    criterion: Criterion,
+    progress: bool,
+    deadline: float | None = None,
+) -> list[Point]:
+    """Every setting as a Point, in the given order: scored unless dominated, timed when within budget;
+    deadline: a `time.monotonic()` after which no setting is measured (OUT_OF_TIME)."""
     points = {config: Point(config) for config in settings}
     within: list[Point] = []
+    skipped = 0
     for config in tqdm(sorted(settings, key=_work_order), desc="snlp tune", disable=not progress):
         point = points[config]
         cheaper = next((p for p in within if no_more_work(p.config, config)), None)
         if cheaper is not None:
             point.status, point.detail = DOMINATED, f"{cheaper.label()} is within budget with no more work"
             continue
+        if deadline is not None and time.monotonic() >= deadline:
+            point.status, point.detail, skipped = OUT_OF_TIME, "the time limit ran out first", skipped + 1
+            continue
         _measure(point, measure, criterion)
         if point.within_budget:
             within.append(point)
+    if skipped:
+        logger.warning("snlp tune: the time limit ran out: %d of %d settings not measured", skipped, len(settings))
     return list(points.values())

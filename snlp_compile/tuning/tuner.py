@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from .arguments import check_arguments, check_token_range
 from .measure import Measure, ModelMeasure
 from .model_io import model_device, random_tokens, vocab_size
 from .quality import Criterion
-from .result import TIMED, Baseline, Point, TuneResult
+from .result import OUT_OF_TIME, TIMED, Baseline, Point, TuneResult
 from .search import search
 from .space import Space, StackDepth, default_space, expand
 
@@ -33,7 +34,10 @@ def _choose(frontier: list[Point], baseline: Baseline) -> tuple[Point | None, st
     """The fastest timed setting if it beats the baseline, else None and why."""
     timed = [p for p in frontier if p.status == TIMED]
     if not timed:
-        return None, "no setting is within budget"
+        unmeasured = any(p.status == OUT_OF_TIME for p in frontier)
+        return None, "no setting measured within the time limit is within budget" if unmeasured else (
+            "no setting is within budget"
+        )
     best = min(timed, key=lambda p: p.ms)
     if best.ms >= baseline.ms:
         times = f"best {best.ms:.3f} ms vs {baseline.ms:.3f} ms"
@@ -53,6 +57,7 @@ def tune(
     warmup: int = 2,
     reps: int = 5,
     progress: bool = True,
+    time_limit: float | None = None,
 ) -> TuneResult:
     """The fastest setting of (n_seq, fuse, blocks, iters, init) whose quality stays within `budget`.
 
@@ -70,11 +75,14 @@ def tune(
     shares (inner, surrogate, cudagraphs, ...). inputs: the token ids without data (pass data or
     inputs, not both). measure: scores settings instead of the model (`Measure`). Settings are scored
     with inner="eager", and only those within budget that can still win are timed (`search`).
+    time_limit: seconds (> 0) after which no further setting is measured (the baseline and the
+    settings measured by then decide; the rest are "out of time" in the frontier); None: no limit.
     Returns a TuneResult whose config is None (the sequential model) when no setting within budget
     is faster than the sequential model. Weight values are not changed (like any snlp compile, the
     backend may move layer parameters into one stacked storage); call it on a model in eval mode.
     """
-    base = check_arguments(model, data, budget, inputs, space, base, measure, warmup, reps)
+    started = time.monotonic()
+    base = check_arguments(model, data, budget, inputs, space, base, measure, warmup, reps, time_limit)
     if model.training:
         logger.warning("snlp tune: the model is in training mode (dropout draws differ per call); call model.eval()")
     device = model_device(model)
@@ -91,7 +99,8 @@ def tune(
     baseline = Baseline(measure.time_ms(None), measure.quality(None))
     criterion = Criterion.of(metric, float(budget), baseline.quality)
     logger.info("snlp tune: %d settings, within budget when %s", len(settings), criterion)
-    frontier = search(settings, measure, criterion, progress)
+    deadline = None if time_limit is None else started + time_limit
+    frontier = search(settings, measure, criterion, progress, deadline)
     chosen, reason = _choose(frontier, baseline)
     result = TuneResult(None if chosen is None else chosen.config, frontier, baseline, criterion, chosen, reason)
     logger.info("snlp tune: chose %s", result.config or f"sequential: {reason}")

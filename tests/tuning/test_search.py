@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from snlp_compile import SNLPConfig, tune
-from snlp_compile.tuning.result import DOMINATED, OVER_BUDGET, REFUSED, TIMED
+from snlp_compile.tuning.result import DOMINATED, OUT_OF_TIME, OVER_BUDGET, REFUSED, TIMED
 from snlp_compile.tuning.search import no_more_work
 from tests.tuning.synthetic import TableMeasure, table_ms
 
@@ -92,3 +92,22 @@ def test_settings_that_cap_to_one_solve_are_one_setting(tiny_gpt):
     space = {"iters": [4, 8, 16], "n_seq": [0, 9]}  # iters >= 4 is exact on 4 layers; n_seq 9 fits no stack of 4
     result = tune(tiny_gpt, DATA, 0.1, space=space, measure=measure, progress=False)
     assert [p.config for p in result.frontier] == [SNLPConfig(iters=4)]
+
+
+def test_time_limit_stops_measuring_and_reports_the_rest(tiny_gpt, monkeypatch, caplog):
+    """No setting starts after time_limit: the cheapest settings are measured, the rest are "out of
+    time", and the choice is the fastest measured one within budget (a fake clock: the start at 0 s,
+    then 1 s per setting)."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr("time.monotonic", lambda: float(next(clock)))
+    measure = TableMeasure((2.0, 10.0), (0.95, 1.4), 0)
+    with caplog.at_level("WARNING", logger="snlp_compile"):
+        result = tune(tiny_gpt, DATA, 0.1, space=SPACE, measure=measure, progress=False, time_limit=5)
+    out = [p for p in result.frontier if p.status == OUT_OF_TIME]
+    measured = [p for p in result.frontier if p.status in (TIMED, OVER_BUDGET)]
+    assert len(measured) == 4 and out and all(p.quality is None and p.ms is None for p in out)
+    assert max(p.config.iters for p in measured) <= min(p.config.iters for p in out)  # cheapest first
+    assert result.chosen is not None and result.chosen.ms == min(p.ms for p in measured if p.status == TIMED)
+    assert f"{len(out)} of {len(result.frontier)} settings not measured" in caplog.text
+    with pytest.raises(ValueError, match="time_limit must be None or a finite number of seconds > 0, got 0"):
+        tune(tiny_gpt, DATA, 0.1, space=SPACE, measure=measure, time_limit=0)
