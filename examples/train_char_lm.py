@@ -162,7 +162,7 @@ def regularizer(model: nn.Module, args: argparse.Namespace) -> SNLPRegularizer:
         weight=args.reg_weight,
         n_par=args.reg_n_par,
         stride=args.reg_stride,
-        iters=reg_iters(args.reg_iters),
+        iters=args.reg_iters,
         detach_target=args.reg_detach,
         warmup_steps=args.reg_warmup,
         surrogate=args.reg_surrogate,
@@ -255,10 +255,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.time_limit is not None and not args.time_limit > 0:
         p.error(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     try:
-        reg_iters(args.reg_iters)
+        args.reg_iters = reg_iters(args.reg_iters)
     except ValueError as error:
         p.error(str(error))
-    if args.reg_form == "paper" and (args.reg_iters != ["1"] or args.reg_checkpoint):
+    if args.reg_form == "paper" and (args.reg_iters != [1] or args.reg_checkpoint):
         p.error("--reg-form paper is K = 1 without recomputation: no --reg-iters or --reg-checkpoint")
     return args
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..config import SNLPConfig, check_int, is_int_in
 from .cache import DecodableModel, KVCache, check_cache, decodable
 from .compiled import Forward, compiled_forward, eager_forward
-from .cuda_graph import fingerprint, graphs_for
+from .cuda_graph import graphs_for
 from .sampling import Sampler
 from .speculative import RoundGraphs, speculative
 from .stats import GenerationStats, timed
@@ -166,7 +166,8 @@ def stream(
     cache = check_cache(kv_cache, decoder, batch, needed, weight.device)
     cache.reset()
 
-    # speculative rounds as CUDA graphs of their own: their forwards compiled without inductor's
+    # speculative rounds as CUDA graphs of their own (speculative.RoundGraphs), so their forwards are
+    # compiled without inductor's CUDA graphs
     round_graphs = mode == "speculative" and compile_sequential and snlp_config.cudagraphs and prompt.is_cuda
     exact = (
         compiled_forward(decoder, None, snlp_config.cudagraphs and not round_graphs)
@@ -184,8 +185,8 @@ def stream(
     else:
         graphs = None
         if round_graphs:
-            setting = (id(model), snlp_config, draft_len, float(temperature), top_k, batch)
-            graphs = RoundGraphs(graphs_for(cache, setting, fingerprint(model)))
+            setting = (id(model), model.training, snlp_config, draft_len, float(temperature), top_k, batch)
+            graphs = RoundGraphs(graphs_for(cache, setting, model), model)
             snlp_config = snlp_config.replace(cudagraphs=False)
         draft = compiled_forward(decoder, snlp_config)
         chunks = speculative(draft, exact, prompt, max_new_tokens, cache, sampler, draft_len, stats, graphs)

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .cache import KVCache
 from .compiled import Forward
-from .cuda_graph import CapturedCall
+from .cuda_graph import CapturedCall, CaptureFailed, GraphStore
 from .sampling import RoundNoise, Sampler, verify_drafts
 from .stats import GenerationStats, PhaseTimer
 
@@ -55,30 +55,33 @@ def verify_phase(
 
 
 class RoundGraphs:
-    """The phases of a full round (k = draft_len) as CUDA graphs, captured at the first full round
-    into `store` (one per cache and setting, see cuda_graph.graphs_for) and replayed after it; a
-    capture that fails is logged with its reason and the rounds run without graphs."""
+    """The phases of a full round (k = draft_len) as CUDA graphs, captured at the first full round into
+    `store` (one per cache and setting, see cuda_graph.graphs_for) and replayed after it; a capture that
+    fails is logged with its reason and the rounds run without graphs (errors of the warm-up runs, which
+    would also stop an uncaptured round, propagate)."""
 
-    def __init__(self, store: dict) -> None:
-        self._store = store
+    def __init__(self, store: GraphStore, model: nn.Module) -> None:
+        self._store, self._model = store, model
 
     def phases(
         self, draft: Callable, verify: Callable, cache: KVCache, inputs: tuple[Tensor, RoundNoise | None], k: int
     ) -> tuple[Callable, Callable]:
         """(draft, verify) callables for a round of k drafts: captured ones where they exist or can be made."""
-        if "failed" not in self._store and "draft" not in self._store:
+        graphs = self._store.graphs
+        if not graphs:
             try:
                 token, noise = inputs
-                self._store["draft"] = CapturedCall(draft, inputs, lambda: None)
-                drafts, q = (t.clone() for t in self._store["draft"](token, noise))
-                self._store["verify"] = CapturedCall(verify, (token, drafts, q, noise), partial(cache.rewind, k + 1))
-            except Exception as error:  # any capture failure: the same rounds, run uncaptured
-                self._store.clear()
-                self._store["failed"] = True
+                graphs["draft"] = CapturedCall(draft, inputs, lambda: None)
+                drafts, q = (t.clone() for t in graphs["draft"](token, noise))
+                graphs["verify"] = CapturedCall(verify, (token, drafts, q, noise), partial(cache.rewind, k + 1))
+                self._store.seal(self._model)
+            except CaptureFailed as error:
+                graphs.clear()
+                graphs["failed"] = error
                 logger.warning("snlp: speculative rounds run without CUDA graphs: capturing them failed (%s)", error)
-        if "failed" in self._store:
+        if "failed" in graphs:
             return draft, verify
-        return self._store["draft"], self._store["verify"]
+        return graphs["draft"], graphs["verify"]
 
 
 @torch.no_grad()

@@ -313,7 +313,7 @@ class SNLPRegularizer:
         if not terms:
             return torch.zeros((), device=self._device)
         total = torch.stack(terms).sum()
-        n_terms = sum(map(len, counts.values()))
+        n_terms = sum(len(counts[n]) for n in n_par)
         return scale * total if self._paper_stride is not None else scale * total / n_terms
 
     def _sequential_trace(

@@ -8,7 +8,7 @@ import torch
 
 from snlp_compile import SNLPConfig, generate
 from snlp_compile.decoding import Sampler
-from snlp_compile.decoding.cuda_graph import _GRAPHS, fingerprint, graphs_for
+from snlp_compile.decoding.cuda_graph import _STORES, CaptureFailed, graphs_for
 from snlp_compile.decoding.speculative import RoundGraphs
 from snlp_compile.models import GPT, GPTConfig, StaticKVCache
 
@@ -26,41 +26,51 @@ def test_exponential_race_samples_the_distribution():
     assert Sampler(temperature=0.0, top_k=None, generator=None).round_noise(rows, 1, 5, torch.device("cpu")) is None
 
 
-def test_graph_store_is_kept_per_cache_and_key_until_the_fingerprint_changes():
+def test_graph_store_is_kept_per_cache_for_the_latest_key_until_the_fingerprint_changes():
     model = torch.nn.Linear(2, 2)
     cache = StaticKVCache(GPTConfig.preset("tiny"), 1, 4)
-    store = graphs_for(cache, "k", fingerprint(model))
-    store["draft"] = "captured"
-    assert graphs_for(cache, "k", fingerprint(model)) is store
-    assert graphs_for(cache, "other", fingerprint(model)) == {}
-    with torch.no_grad():
-        model.weight.mul_(2)  # in place: the version changes
-    store = graphs_for(cache, "k", fingerprint(model))
-    assert store == {}
-    store["draft"] = "captured"
-    model.weight = torch.nn.Parameter(torch.ones(2, 2))  # replaced: the address changes
-    assert graphs_for(cache, "k", fingerprint(model)) == {}
+    store = graphs_for(cache, "k", model)
+    store.graphs["draft"] = "captured"
+    assert graphs_for(cache, "k", model) is store  # not sealed yet: kept
+    store.seal(model)
+    assert graphs_for(cache, "k", model) is store
+    assert graphs_for(cache, "other", model).graphs == {}  # a new key frees the old graphs
+    assert graphs_for(cache, "k", model).graphs == {}
+    for change in (
+        lambda: model.weight.mul_(2),
+        lambda: setattr(model, "weight", torch.nn.Parameter(torch.ones(2, 2))),
+    ):
+        store = graphs_for(cache, "k", model)
+        store.graphs["draft"] = "captured"
+        store.seal(model)
+        with torch.no_grad():
+            change()  # in place (a new version), or replaced (a new address)
+        assert graphs_for(cache, "k", model).graphs == {}
 
 
-def test_a_failed_capture_is_logged_and_the_rounds_run_uncaptured(caplog):
-    def draft(token, noise):
-        raise RuntimeError("not capturable here")
+def test_a_failed_capture_is_logged_and_the_rounds_run_uncaptured(caplog, monkeypatch):
+    class Uncapturable:
+        def __init__(self, fn, inputs, undo):
+            raise CaptureFailed("operation not permitted when stream is capturing")
 
-    graphs = RoundGraphs({})
+    monkeypatch.setattr("snlp_compile.decoding.speculative.CapturedCall", Uncapturable)
+    cache = StaticKVCache(GPTConfig.preset("tiny"), 1, 4)
+    model = torch.nn.Linear(1, 1)
+    graphs = RoundGraphs(graphs_for(cache, "k", model), model)
     with caplog.at_level(logging.WARNING, logger="snlp_compile"):
-        phases = graphs.phases(
-            draft, print, StaticKVCache(GPTConfig.preset("tiny"), 1, 4), (torch.zeros(1, 1), None), 2
-        )
-    assert phases == (draft, print)
-    assert "run without CUDA graphs: capturing them failed" in caplog.text
-    assert graphs.phases(draft, print, None, (None, None), 2) == (draft, print)  # not tried again
+        assert graphs.phases(print, repr, cache, (torch.zeros(1, 1), None), 2) == (print, repr)
+    assert "run without CUDA graphs: capturing them failed (operation not permitted" in caplog.text
+    caplog.clear()
+    assert graphs.phases(print, repr, cache, (torch.zeros(1, 1), None), 2) == (print, repr)
+    assert not caplog.text  # not tried again
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_rounds_give_the_sequential_tokens(dtype, caplog):
     """Greedy speculative decoding with graphed rounds returns the sequential tokens (bf16: up to near
-    ties), reuses its graphs across calls on one cache, and recaptures after a parameter is replaced."""
+    ties) and reuses its graphs across calls on one cache; sampled graphed rounds give the tokens the
+    same rounds give uncaptured, from the same generator."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny")).cuda().to(dtype).eval()
     prompt = torch.randint(0, 64, (1, 9), device="cuda")
@@ -70,13 +80,20 @@ def test_graphed_rounds_give_the_sequential_tokens(dtype, caplog):
     reference = generate(model, prompt, 30, config, mode="sequential", **common).tokens
     with caplog.at_level(logging.WARNING, logger="snlp_compile"):
         first = generate(model, prompt, 30, config, mode="speculative", **common)
+        captured = dict(_STORES[cache].graphs)
         second = generate(model, prompt, 30, config, mode="speculative", **common)
     assert "without CUDA graphs" not in caplog.text
-    (store,) = (graphs for _, graphs in _GRAPHS[cache].values())
-    assert {"draft", "verify"} <= store.keys()  # captured once, replayed by both calls
+    assert _STORES[cache].graphs == captured and set(captured) == {"draft", "verify"}  # captured once
     agree = (first.tokens == reference).float().mean()
     assert torch.equal(first.tokens, reference) if dtype == torch.float32 else agree > 0.9
     assert torch.equal(second.tokens, first.tokens)
     assert first.stats.drafted > 0 and first.stats.phase_seconds["draft"] > 0
-    sampled = generate(model, prompt, 30, config, mode="speculative", temperature=1.0, **common).tokens
-    assert sampled.min() >= 0 and sampled.max() < model.config.vocab_size
+    sampled = {}
+    for cudagraphs in (True, False):  # the same noise, the same compiled forwards: the same tokens
+        generator = torch.Generator("cuda").manual_seed(0)
+        run = config.replace(cudagraphs=cudagraphs)
+        sampled[cudagraphs] = generate(
+            model, prompt, 30, run, mode="speculative", temperature=1.0, generator=generator, **common
+        ).tokens
+    assert torch.equal(sampled[True], sampled[False])
+    assert sampled[True].min() >= 0 and sampled[True].max() < model.config.vocab_size

@@ -277,9 +277,11 @@ def test_iteration_counts_per_n_par_average_only_their_own_terms():
     model = tiny()
     regs = {n: SNLPRegularizer(model, weight=1.0, n_par=n, iters=k) for n, k in ((2, 1), (4, 2))}
     regs["pairs"] = SNLPRegularizer(model, weight=1.0, iters={2: 1, 4: [2]})
+    regs["twice"] = SNLPRegularizer(model, weight=1.0, n_par=(2, 2), iters=1)  # a mean: repeats change nothing
     model(IDX)
     losses = {key: reg.loss() for key, reg in regs.items()}
     torch.testing.assert_close(losses["pairs"], (losses[2] + losses[4]) / 2)
+    torch.testing.assert_close(losses["twice"], losses[2])
     assert regs["pairs"].n_par == (2, 4)
     with pytest.raises(ValueError, match=r"iters' keys \[2, 4\] must be the n_par values, got 3"):
         SNLPRegularizer(model, n_par=3, iters={2: 1, 4: 2})
