@@ -26,7 +26,9 @@
 # and evaluation: then all of DATA trains), STAGES (default "train eval"; "eval" evaluates the runs' existing
 # model.pt), EVAL_FLAGS (more eval_snlp.py flags), EVAL_LIMIT (seconds after which the evaluation is interrupted
 # (SIGINT): the speed measured so far is kept; default none), COPY_TO (a folder that receives results.tar.gz:
-# OUT_DIR without checkpoints; and train_summary.txt, eval.md, frontier.png), GPUS (CUDA device indices the runs
+# OUT_DIR without checkpoints; and train_summary.txt, eval.md, frontier.png), EXPORT_RUN (with COPY_TO: that run's
+# model.pt in bf16 parts of <= 15 MiB, COPY_TO/EXPORT_RUN/model.pt.partNN + .sha256, to carry to a later machine and
+# rebuild with `python3 benchmarks/checkpoint_parts.py join DIR OUT_DIR/EXPORT_RUN/model.pt`), GPUS (CUDA device indices the runs
 # are spread over round-robin, e.g. "0 1 2 3", set as each run's CUDA_VISIBLE_DEVICES (not indices into an
 # inherited one); default: the current device), PYTHON. Writes OUT_DIR/<run>/{model.pt,last.pt,metrics.json},
 # OUT_DIR/eval/{eval.json,eval.md,frontier.png}, OUT_DIR/train_summary.txt and the logs. Memory: a regularised
@@ -121,5 +123,8 @@ if [[ -n ${COPY_TO:-} ]]; then
     mkdir -p "$COPY_TO"
     tar czf "$COPY_TO/results.tar.gz" -C "$OUT" --exclude='*.pt' --exclude='*.tmp' .
     cp "$OUT"/train_summary.txt "$OUT"/eval/eval.md "$OUT"/eval/frontier.png "$COPY_TO"/ 2>/dev/null
+    if [[ -n ${EXPORT_RUN:-} ]]; then
+        "$PY" benchmarks/checkpoint_parts.py split "$OUT/$EXPORT_RUN/model.pt" "$COPY_TO/$EXPORT_RUN"
+    fi
     ls -l "$COPY_TO"
 fi

@@ -240,3 +240,28 @@ def test_plot_and_report_import_no_harness():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert {m for m in imported if m.startswith("benchmarks")} == allowed, name
+
+
+def test_checkpoint_parts_round_trip(tmp_path):
+    """split -> join gives the checkpoint back with its floating tensors in bf16; a changed part is refused."""
+    from benchmarks.checkpoint_parts import join, main, split
+
+    model = GPT(GPTConfig.preset("tiny"))
+    checkpoint = tmp_path / "run" / "model.pt"
+    checkpoint.parent.mkdir()
+    torch.save(dict(model="gpt", config=dict(vars(model.config)), state_dict=model.state_dict(), step=3), checkpoint)
+    parts = split(checkpoint, tmp_path / "parts", max_mib=0.05)
+    assert len(parts) > 2 and all(p.stat().st_size <= 0.05 * 2**20 for p in parts)
+    main(["join", str(tmp_path / "parts"), str(tmp_path / "back" / "model.pt")])
+    back = torch.load(tmp_path / "back" / "model.pt", weights_only=True)
+    assert back["step"] == 3 and back["config"] == dict(vars(model.config))
+    for name, tensor in model.state_dict().items():
+        assert back["state_dict"][name].dtype == torch.bfloat16
+        assert torch.equal(back["state_dict"][name], tensor.to(torch.bfloat16))
+    parts[1].write_bytes(parts[1].read_bytes()[:-1])
+    with pytest.raises(ValueError, match="do not add up to the checkpoint"):
+        join(tmp_path / "parts", tmp_path / "again.pt")
+    with pytest.raises(ValueError, match="holds no model.pt.partNN"):
+        join(tmp_path, tmp_path / "again.pt")
+    with pytest.raises(ValueError, match="max_mib must be > 0"):
+        split(checkpoint, tmp_path / "none", max_mib=0)
