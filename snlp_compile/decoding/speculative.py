@@ -79,6 +79,9 @@ class RoundGraphs:
                 graphs.clear()
                 graphs["failed"] = error
                 logger.warning("snlp: speculative rounds run without CUDA graphs: capturing them failed (%s)", error)
+            except BaseException:  # a warm-up's error: no half-made pair of graphs is kept
+                graphs.clear()
+                raise
         if "failed" in graphs:
             return draft, verify
         return graphs["draft"], graphs["verify"]

@@ -64,6 +64,20 @@ def test_a_failed_capture_is_logged_and_the_rounds_run_uncaptured(caplog, monkey
     assert graphs.phases(print, repr, cache, (torch.zeros(1, 1), None), 2) == (print, repr)
     assert not caplog.text  # not tried again
 
+    class WarmUpFails:
+        def __init__(self, fn, inputs, undo):
+            if fn is repr:
+                raise torch.OutOfMemoryError("the verify warm-up ran out of memory")
+
+        def __call__(self, *inputs):
+            return torch.zeros(1, 1), torch.zeros(1, 1, 2)
+
+    monkeypatch.setattr("snlp_compile.decoding.speculative.CapturedCall", WarmUpFails)
+    graphs = RoundGraphs(graphs_for(cache, "new key", model), model)
+    with pytest.raises(torch.OutOfMemoryError):
+        graphs.phases(print, repr, cache, (torch.zeros(1, 1), None), 2)
+    assert graphs_for(cache, "new key", model).graphs == {}  # no draft graph kept without its verify graph
+
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
