@@ -34,10 +34,8 @@ def _choose(frontier: list[Point], baseline: Baseline) -> tuple[Point | None, st
     """The fastest timed setting if it beats the baseline, else None and why."""
     timed = [p for p in frontier if p.status == TIMED]
     if not timed:
-        unmeasured = any(p.status == OUT_OF_TIME for p in frontier)
-        return None, "no setting measured within the time limit is within budget" if unmeasured else (
-            "no setting is within budget"
-        )
+        cut_short = any(p.status == OUT_OF_TIME for p in frontier)
+        return None, f"no setting {'measured within the time limit ' if cut_short else ''}is within budget"
     best = min(timed, key=lambda p: p.ms)
     if best.ms >= baseline.ms:
         times = f"best {best.ms:.3f} ms vs {baseline.ms:.3f} ms"
